@@ -1,0 +1,403 @@
+"""Typed run configuration: dataclasses per section, YAML load/dump, overrides.
+
+Owns the schema of a run (``TrainConfig`` and its sections), turning YAML and
+``--section.key=value`` overrides into it with type checks that name the key
+path, and the cross-field checks that need no process group
+(``TrainConfig.validate``). Checks that need the world size live in
+``parallel/state.py``. Components read their section; nothing else parses
+config files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from locmoe_train.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    # Grouped-query attention; null means one KV head per query head.
+    num_query_groups: Optional[int] = None
+    # Dense (non-MoE) layers' SwiGLU width; null = 8/3 * hidden rounded up to 64.
+    ffn_hidden_size: Optional[int] = None
+    # Every k-th layer is an MoE layer (1: every layer; 2: layers 2, 4, ...).
+    moe_every: int = 1
+    # Vocabulary size; null takes it from the prepared data's tokenizer.
+    vocab_size: Optional[int] = None
+    # Embedding/output rows are padded to a multiple of this (independent of TP
+    # so that layouts with different TP sizes build the same model).
+    make_vocab_size_divisible_by: int = 128
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    tie_embeddings: bool = False
+
+
+@dataclass
+class MoEConfig:
+    # Which MoE layer implementation the layer spec plugs in.
+    impl: Literal["megatron"] = "megatron"
+    num_experts: int = 8
+    top_k: int = 2
+    # Per-expert SwiGLU width; null = model.ffn_hidden_size.
+    ffn_hidden_size: Optional[int] = None
+    # null = dropless; a number = capacity factor with token dropping.
+    capacity_factor: Optional[float] = None
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    # Expert tensor parallel size; null = same as tp (Megatron's default).
+    etp: Optional[int] = None
+    # Simulate nodes of this many ranks on one machine (locality tests and
+    # benchmarks); null = real nodes from torchrun's LOCAL_WORLD_SIZE.
+    ranks_per_node: Optional[int] = None
+    # auto = nccl with CUDA, gloo without.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_minutes: int = 10
+
+
+@dataclass
+class DataConfig:
+    # Directory written by `locmoe-train prepare-data`.
+    path: str = "data/stdlib"
+    seq_len: int = 128
+    shuffle: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Max global gradient norm; 0 disables clipping.
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 200
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seed: int = 1234
+    # Validation loss every N steps (0: only at the end).
+    eval_interval: int = 50
+    eval_samples: int = 64
+    # auto = bf16 autocast on CUDA, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto = cuda if available, else cpu.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    # Where checkpoints go; null = <logging.run_dir>/checkpoints.
+    dir: Optional[str] = None
+    # Save every N steps; 0 = never.
+    interval: int = 0
+    keep: int = 2
+    # null = start fresh; "auto" = latest in dir; or a checkpoint path.
+    resume: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_interval: int = 10
+    console: bool = True
+    jsonl: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- cross-field checks that need no process group -------------------
+    def validate(self) -> "TrainConfig":
+        m, moe, p, t, o = self.model, self.moe, self.parallel, self.train, self.optim
+        _positive(self, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
+                         "model.moe_every", "model.make_vocab_size_divisible_by",
+                         "moe.num_experts", "moe.top_k", "parallel.tp", "parallel.ep",
+                         "data.seq_len", "train.max_steps", "train.global_batch_size",
+                         "train.micro_batch_size", "logging.log_interval", "checkpoint.keep",
+                         "parallel.timeout_minutes"])
+        if m.hidden_size % m.num_attention_heads:
+            raise UserError(
+                f"model.hidden_size={m.hidden_size} is not divisible by "
+                f"model.num_attention_heads={m.num_attention_heads}: pick a head count "
+                f"that divides the hidden size (e.g. {_divisor_near(m.hidden_size, m.num_attention_heads)}).")
+        groups = m.num_query_groups or m.num_attention_heads
+        if m.num_attention_heads % groups:
+            raise UserError(
+                f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={groups}: use a divisor of the head count.")
+        if m.moe_every > m.num_layers:
+            raise UserError(
+                f"model.moe_every={m.moe_every} is larger than model.num_layers={m.num_layers}, "
+                f"so the model would have no MoE layer: use a value between 1 and {m.num_layers}.")
+        if moe.top_k > moe.num_experts:
+            raise UserError(
+                f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}: "
+                f"a token cannot use more experts than exist.")
+        if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+            raise UserError(f"moe.capacity_factor={moe.capacity_factor} must be > 0, "
+                            f"or null for dropless routing.")
+        etp = p.etp if p.etp is not None else p.tp
+        if etp < 1:
+            raise UserError(f"parallel.etp={p.etp} must be >= 1 (or null to follow parallel.tp).")
+        if moe.num_experts % p.ep:
+            raise UserError(
+                f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}: "
+                f"each expert-parallel rank must hold the same number of experts; use a "
+                f"parallel.ep that divides {moe.num_experts}.")
+        if m.num_attention_heads % p.tp or groups % p.tp:
+            raise UserError(
+                f"parallel.tp={p.tp} must divide model.num_attention_heads="
+                f"{m.num_attention_heads} and the number of query groups ({groups}).")
+        for name, width, size in [("model.ffn_hidden_size", self.dense_ffn_hidden_size, p.tp),
+                                  ("moe.ffn_hidden_size", self.moe_ffn_hidden_size, etp)]:
+            if width % size:
+                raise UserError(f"{name}={width} is not divisible by the tensor-parallel size "
+                                f"{size}: choose a width that is a multiple of it.")
+        if p.tp > 1 and self.data.seq_len % p.tp:
+            raise UserError(
+                f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={p.tp}: "
+                f"MoE with tensor parallelism uses sequence parallelism, which splits the "
+                f"sequence across TP ranks.")
+        if self.make_vocab_multiple % p.tp:
+            raise UserError(
+                f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} is not "
+                f"divisible by parallel.tp={p.tp}; use a multiple of {p.tp}.")
+        if p.ranks_per_node is not None and p.ranks_per_node < 1:
+            raise UserError(f"parallel.ranks_per_node={p.ranks_per_node} must be >= 1 or null.")
+        if t.global_batch_size % t.micro_batch_size:
+            raise UserError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={t.micro_batch_size}.")
+        if not 0 <= o.min_lr <= o.lr:
+            raise UserError(f"optim.min_lr={o.min_lr} must lie in [0, optim.lr={o.lr}].")
+        if o.warmup_steps < 0:
+            raise UserError(f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
+        for key in ["model.hidden_dropout", "model.attention_dropout"]:
+            v = _get(self, key)
+            if not 0.0 <= v < 1.0:
+                raise UserError(f"{key}={v} must lie in [0, 1).")
+        if self.checkpoint.interval or self.checkpoint.resume:
+            raise UserError(
+                "checkpoint.interval / checkpoint.resume are not supported yet (checkpointing "
+                "is tracked in issue 6): set checkpoint.interval=0 and checkpoint.resume=null.")
+        return self
+
+    # ---- derived values ---------------------------------------------------
+    @property
+    def dense_ffn_hidden_size(self) -> int:
+        if self.model.ffn_hidden_size is not None:
+            return self.model.ffn_hidden_size
+        return -(-(8 * self.model.hidden_size // 3) // 64) * 64
+
+    @property
+    def moe_ffn_hidden_size(self) -> int:
+        return self.moe.ffn_hidden_size or self.dense_ffn_hidden_size
+
+    @property
+    def make_vocab_multiple(self) -> int:
+        return self.model.make_vocab_size_divisible_by
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Build a validated config from an optional YAML file plus dotted overrides."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path!r} does not exist: pass --config with the path "
+                            f"of a YAML file (see configs/).")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise UserError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path!r} must hold a mapping of sections, "
+                            f"got {type(raw).__name__}.")
+    cfg = from_dict(TrainConfig, raw, "")
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg.validate()
+
+
+def parse_override_args(argv: list[str]) -> list[str]:
+    """Turn ``--a.b=v`` and ``--a.b v`` into ``a.b=v`` strings."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"unrecognised argument {arg!r}: overrides look like "
+                            f"--section.key=value (e.g. --train.max_steps=50).")
+        body = arg[2:]
+        if "=" not in body:
+            if i + 1 >= len(argv):
+                raise UserError(f"override {arg!r} has no value: write {arg}=VALUE.")
+            body = f"{body}={argv[i + 1]}"
+            i += 1
+        out.append(body)
+        i += 1
+    return out
+
+
+def apply_override(cfg: TrainConfig, item: str) -> None:
+    key, _, text = item.partition("=")
+    parts = key.split(".")
+    obj: Any = cfg
+    for depth, name in enumerate(parts):
+        path = ".".join(parts[: depth + 1])
+        if not dataclasses.is_dataclass(obj):
+            raise UserError(f"override {key!r}: {'.'.join(parts[:depth])} is not a section.")
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if name not in fields:
+            raise UserError(_unknown_key_message(path, name, list(fields)))
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, name)):
+                raise UserError(f"override {key!r} names a whole section; set one of its keys, "
+                                f"e.g. --{key}.{dataclasses.fields(getattr(obj, name))[0].name}=...")
+            try:
+                value = yaml.safe_load(text) if text != "" else ""
+            except yaml.YAMLError:
+                value = text
+            hint = typing.get_type_hints(type(obj))[name]
+            setattr(obj, name, _coerce(value, hint, path))
+        else:
+            obj = getattr(obj, name)
+
+
+def from_dict(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'config'} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(_unknown_key_message(path, str(key), names))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check ``value`` against a type hint; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise UserError(f"{path}={value!r} is not one of {', '.join(map(repr, choices))}.")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list):
+            return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    else:  # pragma: no cover - schema bug
+        raise TypeError(f"unsupported config type {hint} at {path}")
+    expected = getattr(hint, "__name__", str(hint))
+    raise UserError(f"{path}={value!r} has the wrong type: expected {expected}, "
+                    f"got {type(value).__name__}.")
+
+
+def _unknown_key_message(path: str, name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {path!r}.{hint} Valid keys here: {', '.join(choices)}."
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _positive(cfg: TrainConfig, keys: list[str]) -> None:
+    for key in keys:
+        v = _get(cfg, key)
+        if v < 1:
+            raise UserError(f"{key}={v} must be a positive integer.")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+def dump_config(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config as YAML (atomically: temp file, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

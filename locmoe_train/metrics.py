@@ -1,0 +1,92 @@
+"""Metric sinks: one interface, console and JSONL implementations.
+
+Owns how a finished record (plain Python numbers, already reduced across
+ranks) reaches the user. Only rank 0 builds sinks. The JSONL sink writes one
+object per line and flushes each line, so a crash loses at most the record
+being written. Later loggers (TensorBoard, wandb) implement the same
+``write``/``close`` pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Protocol, TextIO
+
+
+class Sink(Protocol):
+    def write(self, record: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e4 or abs(x) < 1e-3:
+        return f"{x:.2e}"
+    return f"{x:.4g}"
+
+
+class ConsoleSink:
+    def __init__(self, max_steps: int, stream: TextIO = sys.stdout):
+        self.max_steps = max_steps
+        self.stream = stream
+
+    def write(self, record: dict) -> None:
+        step = f"step {record['step']:>{len(str(self.max_steps))}}/{self.max_steps}"
+        if "val_loss" in record:
+            line = f"{step} | val_loss {record['val_loss']:.4f} | val_ppl {_fmt(record['val_ppl'])}"
+        else:
+            parts = [step, f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+                     f"grad {_fmt(record['grad_norm'])}",
+                     f"{record['tokens_per_s'] / 1000:.1f}k tok/s"]
+            if "aux_loss" in record:
+                parts.append(f"aux {_fmt(record['aux_loss'])}")
+            if "moe_imbalance" in record:
+                parts.append(f"imb {record['moe_imbalance']:.2f}")
+            line = " | ".join(parts)
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _rotate(path: str) -> None:
+    """Keep an earlier run's file instead of overwriting it: metrics.jsonl -> metrics.1.jsonl, ..."""
+    if not os.path.exists(path):
+        return
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.replace(path, f"{stem}.{n}{ext}")
+
+
+class JsonlSink:
+    def __init__(self, path: str, append: bool = False):
+        if not append:
+            _rotate(path)
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class MultiSink:
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+
+    def write(self, record: dict) -> None:
+        for s in self.sinks:
+            s.write(record)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()

@@ -1,0 +1,182 @@
+"""Process groups, built in one place.
+
+Owns: starting torch.distributed (from torchrun's environment, or a
+single-process group without torchrun), megatron-core's ``parallel_state``
+with tensor (TP), expert (EP), expert-tensor (ETP) and data (DP) parallel
+sizes, the checks that need the world size, and the node topology (real nodes
+from ``LOCAL_WORLD_SIZE``, or simulated with ``parallel.ranks_per_node``).
+Nothing else in the package calls ``initialize_model_parallel`` or reads rank
+environment variables; modules receive the ``ParallelContext`` instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from locmoe_train.config import ParallelConfig
+from locmoe_train.errors import UserError
+from locmoe_train.parallel import compat
+
+
+@dataclass
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    ep: int
+    etp: int
+    dp: int
+    edp: int  # expert data parallel: replicas of each expert shard
+    tp_rank: int
+    ep_rank: int
+    etp_rank: int
+    dp_rank: int
+    edp_rank: int
+    # Node topology: node_of_rank[r] is the node index of global rank r.
+    ranks_per_node: int
+    num_nodes: int
+    node_of_rank: list[int] = field(default_factory=list)
+    simulated_nodes: bool = False
+    tp_group: object = None
+    dp_group: object = None
+    ep_group: object = None
+    edp_group: object = None
+
+    @property
+    def node(self) -> int:
+        return self.node_of_rank[self.rank]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        nodes = f"{self.num_nodes} node(s) x {self.ranks_per_node} rank(s)"
+        if self.simulated_nodes:
+            nodes += " (simulated)"
+        return (f"world={self.world_size} tp={self.tp} ep={self.ep} etp={self.etp} "
+                f"dp={self.dp} edp={self.edp}; {nodes}; device={self.device}")
+
+
+def check_layout(cfg: ParallelConfig, world_size: int, num_experts: int) -> tuple[int, int, int]:
+    """Validate parallel sizes against the world size; return (etp, dp, edp)."""
+    etp = cfg.etp if cfg.etp is not None else cfg.tp
+    if world_size % cfg.tp:
+        raise UserError(
+            f"parallel.tp={cfg.tp} does not divide the world size {world_size}: launch a "
+            f"multiple of {cfg.tp} processes (torchrun --nproc_per_node) or lower parallel.tp.")
+    if world_size % (etp * cfg.ep):
+        raise UserError(
+            f"parallel.ep={cfg.ep} x expert tensor parallel {etp} = {cfg.ep * etp} does not "
+            f"divide the world size {world_size}: launch a multiple of {cfg.ep * etp} "
+            f"processes or lower parallel.ep / parallel.etp.")
+    if num_experts % cfg.ep:
+        raise UserError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={cfg.ep}.")
+    if cfg.ranks_per_node is not None and world_size % cfg.ranks_per_node:
+        raise UserError(
+            f"parallel.ranks_per_node={cfg.ranks_per_node} does not divide the world size "
+            f"{world_size}: simulated nodes must all have the same number of ranks.")
+    return etp, world_size // cfg.tp, world_size // (cfg.ep * etp)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
+                  seed: int = 1234) -> ParallelContext:
+    """Start torch.distributed and megatron-core's parallel state."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    compat.apply()
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    etp, dp, edp = check_layout(cfg, world_size, num_experts)
+
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but CUDA is not available here: use "
+                        "--train.device=cpu or auto.")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise UserError("parallel.backend=nccl needs CUDA; use gloo (or auto) on CPU.")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # plain `python -m` / console script, one process
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+            device_id=dev if use_cuda else None)
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        expert_model_parallel_size=cfg.ep,
+        expert_tensor_parallel_size=etp,
+        create_gloo_process_groups=False,
+        distributed_timeout_minutes=cfg.timeout_minutes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    if cfg.ranks_per_node is not None:
+        per_node, simulated = cfg.ranks_per_node, True
+    else:
+        per_node, simulated = local_world, False
+        if world_size % per_node:
+            raise UserError(f"LOCAL_WORLD_SIZE={per_node} does not divide the world size "
+                            f"{world_size}: every node must run the same number of ranks.")
+
+    ps = parallel_state
+    return ParallelContext(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+        tp=cfg.tp, ep=cfg.ep, etp=etp, dp=dp, edp=edp,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        edp_rank=ps.get_expert_data_parallel_rank(),
+        ranks_per_node=per_node, num_nodes=world_size // per_node,
+        node_of_rank=[r // per_node for r in range(world_size)],
+        simulated_nodes=simulated,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        edp_group=ps.get_expert_data_parallel_group(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    # The MoE loss tracker is process-global and sized by the first model built.
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()

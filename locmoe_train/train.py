@@ -1,0 +1,214 @@
+"""Entry point: ``locmoe-train`` and ``torchrun -m locmoe_train.train``.
+
+Parses the config, starts the process groups, builds the parts, runs
+``Trainer.fit`` and tears down in ``finally``. Exit status: 0 when training
+completed, 2 for bad user input (nothing written), 130/143 when stopped by
+SIGINT/SIGTERM after a clean stop, 1 on a crash.
+
+Subcommands: ``locmoe-train prepare-data ...`` (data prep). With ``--check``
+it validates the config, the parallel layout for ``--world-size`` and the
+data directory, then exits (launch scripts run it before torchrun so that a
+bad config fails with status 2 and one message instead of one per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+
+from locmoe_train.errors import UserError
+
+EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
+
+
+def _quiet_megatron() -> None:
+    # megatron-core warns about every optional extension it cannot find
+    # (TE, apex, flash-attn...) on import; they are optional here by design.
+    if os.environ.get("LOCMOE_VERBOSE"):
+        return
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(
+        prog="locmoe-train",
+        description="Pre-train a GPT-MoE. Overrides: --section.key=value (e.g. --train.max_steps=50).",
+        epilog="Subcommands: prepare-data (see `locmoe-train prepare-data --help`).")
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate config, layout and data, then exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --check: the number of processes to validate for")
+    args, rest = parser.parse_known_args(argv)
+    from locmoe_train.config import parse_override_args
+
+    return args, parse_override_args(rest)
+
+
+def resolve(cfg, meta: dict):
+    """Fill values taken from the data (vocab size) into the config."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = int(meta["vocab_size"])
+    elif cfg.model.vocab_size < int(meta["vocab_size"]):
+        raise UserError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({meta['vocab_size']}) in {cfg.data.path}: remove model.vocab_size (it defaults to "
+            f"the tokenizer's) or raise it.")
+    return cfg
+
+
+def check(cfg, world_size: int) -> None:
+    from locmoe_train.data.prepare import load_meta
+    from locmoe_train.parallel.state import check_layout
+
+    resolve(cfg, load_meta(cfg.data.path))
+    etp, dp, edp = check_layout(cfg.parallel, world_size, cfg.moe.num_experts)
+    g, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if g % (mb * dp):
+        raise UserError(
+            f"train.global_batch_size={g} is not divisible by train.micro_batch_size={mb} x "
+            f"data-parallel size {dp} (world {world_size} / parallel.tp {cfg.parallel.tp}): "
+            f"use a global batch that is a multiple of {mb * dp}.")
+
+
+def run(cfg) -> str:
+    import torch
+
+    from locmoe_train.config import dump_config
+    from locmoe_train.data.dataset import StepLoader, TokenWindows, eval_micro_batches
+    from locmoe_train.data.prepare import load_meta
+    from locmoe_train.metrics import ConsoleSink, JsonlSink, MultiSink
+    from locmoe_train.model.gpt import build_model
+    from locmoe_train.model.init import count_parameters
+    from locmoe_train.moe.stats import MegatronMoEStats
+    from locmoe_train.optim.optimizer import build_optimizer
+    from locmoe_train.parallel.state import destroy_parallel, init_parallel
+    from locmoe_train.train_step import TrainStep
+    from locmoe_train.trainer import Trainer
+
+    meta = load_meta(cfg.data.path)
+    resolve(cfg, meta)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check(cfg, world)
+    t_start = time.time()
+    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, cfg.train.device, cfg.train.seed)
+    sink = None
+    try:
+        prec = cfg.train.precision
+        if prec == "auto":
+            prec = "bf16" if pctx.device.type == "cuda" else "fp32"
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+        torch.manual_seed(cfg.train.seed)
+
+        train_ds = TokenWindows(os.path.join(cfg.data.path, "train"), cfg.data.seq_len)
+        valid_ds = TokenWindows(os.path.join(cfg.data.path, "valid"), cfg.data.seq_len)
+        loader = StepLoader(train_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                            pctx.dp_rank, pctx.dp, cfg.train.seed, shuffle=cfg.data.shuffle)
+        eval_batches = eval_micro_batches(valid_ds, cfg.train.micro_batch_size, pctx.dp_rank,
+                                          pctx.dp, cfg.train.eval_samples)
+
+        model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
+        optimizer = build_optimizer(model, cfg.optim)
+        stats = MegatronMoEStats(model, cfg.moe.num_experts, cfg.moe.top_k, pctx.device)
+        step_fn = TrainStep(model, optimizer, cfg, pctx, dtype, moe_stats=stats)
+        counts = count_parameters(model, cfg, pctx)
+
+        if pctx.is_main:
+            os.makedirs(cfg.logging.run_dir, exist_ok=True)
+            dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
+            sinks = []
+            if cfg.logging.console:
+                sinks.append(ConsoleSink(cfg.train.max_steps))
+            if cfg.logging.jsonl:
+                sinks.append(JsonlSink(os.path.join(cfg.logging.run_dir, "metrics.jsonl")))
+            sink = MultiSink(sinks)
+            print(startup_summary(cfg, pctx, counts, meta, prec, len(train_ds)), flush=True)
+
+        trainer = Trainer(cfg, pctx, step_fn, loader, eval_batches, sink)
+        outcome = trainer.fit()
+        if pctx.is_main:
+            summary = {"outcome": outcome, "steps": trainer.step,
+                       "val_loss": trainer.last_val_loss,
+                       "wall_time_s": round(time.time() - t_start, 2),
+                       "params": counts, "layout": pctx.describe()}
+            with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"done: {outcome} after {trainer.step} steps in "
+                  f"{summary['wall_time_s']:.1f}s; outputs in {cfg.logging.run_dir}", flush=True)
+        return outcome
+    finally:
+        if sink is not None:
+            sink.close()
+        destroy_parallel()
+
+
+def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
+    m, moe = cfg.model, cfg.moe
+    moe_layers = len(range(0, m.num_layers, m.moe_every))
+    lines = [
+        "locmoe-train",
+        f"  model    : {m.num_layers} layers (MoE in {moe_layers}), hidden {m.hidden_size}, "
+        f"{m.num_attention_heads} heads, vocab {m.vocab_size}",
+        f"  moe      : impl={moe.impl} experts={moe.num_experts} top_k={moe.top_k} "
+        f"capacity={moe.capacity_factor or 'dropless'} dispatcher={moe.dispatcher}",
+        f"  params   : {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
+        f"per token ({counts['expert'] / 1e6:.2f}M in experts)",
+        f"  layout   : {pctx.describe()}, precision {precision}",
+        f"  data     : {cfg.data.path} ({n_train} train windows of {cfg.data.seq_len} tokens), "
+        f"global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x "
+        f"dp {pctx.dp} x accum {cfg.train.global_batch_size // (cfg.train.micro_batch_size * pctx.dp)}",
+        f"  schedule : {cfg.train.max_steps} steps, lr {cfg.optim.lr} ({cfg.optim.schedule}, "
+        f"warmup {cfg.optim.warmup_steps})",
+        f"  outputs  : {cfg.logging.run_dir}/ (config.yaml, metrics.jsonl, summary.json)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_megatron()
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    try:
+        if argv and argv[0] == "prepare-data":
+            from locmoe_train.data import prepare
+
+            return prepare.main(argv[1:])
+        from locmoe_train.config import load_config
+
+        args, overrides = parse_args(argv)
+        if args.config is None and not overrides:
+            raise UserError("no config given: pass --config FILE (e.g. configs/quickstart.yaml) "
+                            "and optional --section.key=value overrides.")
+        cfg = load_config(args.config, overrides)
+        if args.check:
+            check(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+            print(f"config OK for world size {args.world_size or int(os.environ.get('WORLD_SIZE', '1'))}")
+            return 0
+        return EXIT_CODES.get(run(cfg), 1)
+    except UserError as e:
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,84 @@
+"""One optimizer step: micro-batches, backward, gradient sync, clip, update.
+
+``TrainStep.__call__`` takes the step's micro-batches (``[b, s+1]`` token
+ids: inputs are ``[:, :-1]``, labels ``[:, 1:]``) and returns its metrics as
+device tensors, local to this rank. It does no I/O and no host sync, so the
+trainer decides when to pay for reductions.
+
+Loss scaling: each micro-batch's mean token loss is divided by the number of
+micro-batches, and megatron's MoE auxiliary losses (which reach the gradient
+through ``MoEAuxLossAutoScaler``, not through the returned loss) are scaled
+the same way. ``GradSync`` then averages over data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from locmoe_train.config import TrainConfig
+from locmoe_train.model.gpt import causal_mask
+from locmoe_train.optim.schedule import lr_at
+from locmoe_train.parallel.grads import GradSync
+from locmoe_train.parallel.state import ParallelContext
+
+
+class TrainStep:
+    def __init__(self, model, optimizer, cfg: TrainConfig, pctx: ParallelContext,
+                 dtype: torch.dtype, moe_stats=None):
+        self.model, self.optimizer, self.cfg, self.pctx = model, optimizer, cfg, pctx
+        self.dtype = dtype
+        self.moe_stats = moe_stats
+        self.grad_sync = GradSync(model, pctx)
+        seq = cfg.data.seq_len
+        self.mask = causal_mask(seq, pctx.device)
+        self.position_ids = torch.arange(seq, device=pctx.device)[None]
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.pctx.device.type, dtype=self.dtype)
+
+    def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of one micro-batch."""
+        tokens = tokens.to(self.pctx.device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        with self.autocast():
+            per_token = self.model(inputs, self.position_ids.expand(inputs.shape[0], -1),
+                                   self.mask, labels=labels)
+        return per_token.float().mean()
+
+    def __call__(self, micro_batches: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(micro_batches)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / n, device=self.pctx.device))
+        loss_sum = torch.zeros((), device=self.pctx.device)
+        for tokens in micro_batches:
+            loss = self.forward_loss(tokens)
+            (loss / n).backward()
+            loss_sum += loss.detach()
+        self.grad_sync.reduce()
+        grad_norm = self.grad_sync.clip(self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        metrics = {"loss": loss_sum / n, "grad_norm": grad_norm,
+                   "lr": torch.tensor(lr)}
+        if self.moe_stats is not None:
+            metrics.update({f"moe/{k}": v for k, v in self.moe_stats.collect(n).items()})
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Mean validation loss over this rank's micro-batches (local; caller reduces)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.pctx.device)
+        for tokens in micro_batches:
+            total += self.forward_loss(tokens)
+        self.model.train()
+        return total / max(1, len(micro_batches))

@@ -1,0 +1,164 @@
+"""The training loop: steps, periodic logging and validation, graceful stop.
+
+Owns the order of events around ``TrainStep``: fetch a step's micro-batches,
+run the step, every ``logging.log_interval`` steps reduce the accumulated
+metrics across ranks (the only host sync in the loop) and write one record,
+every ``train.eval_interval`` steps and at the end compute validation loss.
+
+SIGINT/SIGTERM set a flag; ranks agree on it at the end of each step (one
+tiny all-reduce), so every rank stops after the same step and nobody is left
+waiting in a collective. A second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from locmoe_train.config import TrainConfig
+from locmoe_train.parallel.state import ParallelContext
+
+
+class StopRequested:
+    """Flag set by signal handlers; the loop stops after the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signum = signum
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, pctx: ParallelContext, step_fn, loader,
+                 eval_batches: list[torch.Tensor], sink=None, start_step: int = 0):
+        self.cfg, self.pctx, self.step_fn, self.loader = cfg, pctx, step_fn, loader
+        self.eval_batches = eval_batches
+        self.sink = sink
+        self.step = start_step
+        self.stop = StopRequested()
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self.last_val_loss: float | None = None
+
+    # ---- loop -------------------------------------------------------------
+    def fit(self) -> str:
+        """Train to ``train.max_steps``; returns "completed" or the stopping signal's name."""
+        cfg = self.cfg
+        self.stop.install()
+        try:
+            acc: dict[str, torch.Tensor] = {}
+            steps_in_window, t0 = 0, time.perf_counter()
+            while self.step < cfg.train.max_steps:
+                micro_batches = self.loader.next_step()
+                self.step += 1
+                metrics = self.step_fn(micro_batches, self.step)
+                for k, v in metrics.items():
+                    acc[k] = acc[k] + v if k in acc else v.clone()
+                steps_in_window += 1
+                last = self.step == cfg.train.max_steps
+                stopping = self._agree_to_stop()
+                if self.step % cfg.logging.log_interval == 0 or self.step == 1 or last or stopping:
+                    if self.pctx.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - t0
+                    self._log_train(acc, metrics, steps_in_window, elapsed)
+                    acc, steps_in_window, t0 = {}, 0, time.perf_counter()
+                if (cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0) or last:
+                    self._log_eval()
+                    t0 = time.perf_counter()  # validation time is not training throughput
+                if stopping:
+                    return signal.Signals(self.stop.signum).name
+            return "completed"
+        finally:
+            self.stop.uninstall()
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([1 if self.stop.signum is not None else 0], dtype=torch.int32,
+                            device=self.pctx.device)
+        if self.pctx.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop.signum is None:
+            self.stop.signum = signal.SIGTERM  # another rank was signalled
+        return bool(flag.item())
+
+    # ---- reductions and records ---------------------------------------------
+    def _log_train(self, acc, metrics, n_steps: int, elapsed: float) -> None:
+        pctx = self.pctx
+        loss = acc["loss"] / n_steps
+        record = {"step": self.step}
+        if pctx.dp > 1:
+            dist.all_reduce(loss, group=pctx.dp_group)
+            loss = loss / pctx.dp
+        record["loss"] = loss.item()
+        record["lr"] = float(metrics["lr"])
+        record["grad_norm"] = metrics["grad_norm"].item()
+        record["tokens_per_s"] = self.tokens_per_step * n_steps / max(elapsed, 1e-9)
+        record["step_time_s"] = elapsed / n_steps
+        if "moe/tokens_per_expert" in acc:
+            record.update(self._moe_record(acc, n_steps))
+        if pctx.is_main and self.sink is not None:
+            self.sink.write(record)
+
+    def _moe_record(self, acc, n_steps: int) -> dict:
+        pctx = self.pctx
+        tpe = acc["moe/tokens_per_expert"]
+        seen = acc["moe/tokens_seen"]
+        aux_names = [k for k in acc if k.startswith("moe/") and k not in
+                     ("moe/tokens_per_expert", "moe/tokens_seen")]
+        aux = torch.stack([acc[k] / n_steps for k in aux_names]) if aux_names else None
+        if pctx.world_size > 1:
+            dist.all_reduce(tpe)
+            dist.all_reduce(seen)
+            if aux is not None:
+                # megatron's convention: per-rank values are partial over the TP
+                # (sequence-parallel) group; sum them there, average over DP.
+                dist.all_reduce(aux)
+                aux = aux / pctx.dp
+        cfg = self.cfg.moe
+        layers = self.step_fn.moe_stats.layers
+        out: dict = {"moe": {}}
+        imbalances = []
+        for i, layer in enumerate(layers):
+            counts = tpe[i]
+            mean = counts.mean().clamp_min(1e-9)
+            entry = {"tokens_per_expert": [int(c) for c in counts.tolist()],
+                     "max_over_mean": (counts.max() / mean).item(),
+                     "dropped_fraction": 1.0 - (counts.sum() / (seen[i] * cfg.top_k)
+                                                .clamp_min(1e-9)).item()}
+            if aux is not None:
+                for j, name in enumerate(aux_names):
+                    entry[name.removeprefix("moe/")] = aux[j][i].item()
+            imbalances.append(entry["max_over_mean"])
+            out["moe"][f"layer_{layer}"] = entry
+        out["moe_imbalance"] = max(imbalances)
+        if aux is not None and "moe/load_balancing_loss" in aux_names:
+            j = aux_names.index("moe/load_balancing_loss")
+            out["aux_loss"] = cfg.aux_loss_coeff * aux[j].sum().item()
+        return out
+
+    def _log_eval(self) -> None:
+        pctx = self.pctx
+        loss = self.step_fn.evaluate(self.eval_batches)
+        if pctx.dp > 1:
+            dist.all_reduce(loss, group=pctx.dp_group)
+            loss = loss / pctx.dp
+        self.last_val_loss = loss.item()
+        if pctx.is_main and self.sink is not None:
+            self.sink.write({"step": self.step, "val_loss": self.last_val_loss,
+                             "val_ppl": math.exp(min(self.last_val_loss, 50.0))})

@@ -1,0 +1,120 @@
+"""Config loading, overrides and validation messages."""
+
+import os
+
+import pytest
+import yaml
+
+from locmoe_train.config import (TrainConfig, dump_config, load_config,
+                                 parse_override_args)
+from locmoe_train.errors import UserError
+from locmoe_train.parallel.state import check_layout
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_validate():
+    cfg = load_config(None, [])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.moe.impl == "megatron"
+    assert cfg.dense_ffn_hidden_size == 384  # 8/3 * 128 rounded up to 64
+
+
+def test_shipped_configs_load():
+    for root, _, files in os.walk(os.path.join(REPO, "configs")):
+        for name in files:
+            if name.endswith(".yaml"):
+                load_config(os.path.join(root, name), [])
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, {"model": {"hidden_size": 64, "num_attention_heads": 2},
+                            "optim": {"lr": 1}})
+    cfg = load_config(path, parse_override_args(
+        ["--train.max_steps=50", "--parallel.ep", "2", "--moe.capacity_factor=1.5",
+         "--data.path=/x/y"]))
+    assert cfg.model.hidden_size == 64
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # ints widen to float
+    assert cfg.train.max_steps == 50
+    assert cfg.parallel.ep == 2
+    assert cfg.moe.capacity_factor == 1.5
+    assert cfg.data.path == "/x/y"
+    cfg2 = load_config(path, ["moe.capacity_factor=null"])
+    assert cfg2.moe.capacity_factor is None
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["train.max_steps=7", "parallel.ep=4"])
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, str(out))
+    again = load_config(str(out), [])
+    assert again == cfg
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": {"hiden_size": 3}},
+     "unknown config key 'model.hiden_size'. Did you mean 'hidden_size'?"),
+    ({"modle": {}}, "unknown config key 'modle'. Did you mean 'model'?"),
+    ({"train": {"max_steps": "ten"}},
+     "train.max_steps='ten' has the wrong type: expected int, got str."),
+    ({"train": {"max_steps": 1.5}},
+     "train.max_steps=1.5 has the wrong type: expected int, got float."),
+    ({"model": {"tie_embeddings": 1}},
+     "model.tie_embeddings=1 has the wrong type: expected bool, got int."),
+    ({"moe": {"dispatcher": "nccl"}},
+     "moe.dispatcher='nccl' is not one of 'alltoall', 'allgather'."),
+    ({"moe": {"num_experts": 6}, "parallel": {"ep": 4}},
+     "moe.num_experts=6 is not divisible by parallel.ep=4"),
+    ({"model": {"hidden_size": 100, "num_attention_heads": 3}},
+     "model.hidden_size=100 is not divisible by model.num_attention_heads=3"),
+    ({"moe": {"top_k": 9}}, "moe.top_k=9 exceeds moe.num_experts=8"),
+    ({"train": {"global_batch_size": 10, "micro_batch_size": 4}},
+     "train.global_batch_size=10 is not divisible by train.micro_batch_size=4"),
+    ({"parallel": {"tp": 2}, "data": {"seq_len": 33}},
+     "data.seq_len=33 is not divisible by parallel.tp=2"),
+    ({"train": {"max_steps": 0}}, "train.max_steps=0 must be a positive integer."),
+    ({"model": {"moe_every": 9}}, "model.moe_every=9 is larger than model.num_layers=4"),
+])
+def test_validation_messages(tmp_path, data, message):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, data), [])
+    assert message in str(e.value)
+
+
+def test_bad_override_forms():
+    with pytest.raises(UserError, match="overrides look like --section.key=value"):
+        parse_override_args(["max_steps=3"])
+    with pytest.raises(UserError, match="has no value"):
+        parse_override_args(["--train.max_steps"])
+    with pytest.raises(UserError, match="unknown config key 'train.steps'"):
+        load_config(None, ["train.steps=3"])
+    with pytest.raises(UserError, match="names a whole section"):
+        load_config(None, ["train=3"])
+
+
+def test_missing_and_invalid_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"), [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config(str(bad), [])
+
+
+def test_layout_checks():
+    cfg = load_config(None, ["parallel.ep=2"])
+    assert check_layout(cfg.parallel, 2, 8) == (1, 2, 1)
+    assert check_layout(load_config(None, ["parallel.tp=2"]).parallel, 4, 8) == (2, 2, 2)
+    with pytest.raises(UserError, match="parallel.ep=2 x expert tensor parallel 1 = 2 does not "
+                                        "divide the world size 3"):
+        check_layout(cfg.parallel, 3, 8)
+    with pytest.raises(UserError, match="parallel.tp=2 does not divide the world size 3"):
+        check_layout(load_config(None, ["parallel.tp=2"]).parallel, 3, 8)
+    with pytest.raises(UserError, match="parallel.ranks_per_node=3 does not divide"):
+        check_layout(load_config(None, ["parallel.ranks_per_node=3"]).parallel, 4, 8)

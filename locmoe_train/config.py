@@ -326,7 +326,7 @@ def from_dict(cls, data: Any, prefix: str):
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check ``value`` against a type hint; ints widen to floats, nothing else converts."""
+    """Check ``value`` against a type hint; ints and numeric strings widen to floats, nothing else converts."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -355,6 +355,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, str):
             return value

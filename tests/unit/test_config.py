@@ -45,6 +45,7 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.parallel.ep == 2
     assert cfg.moe.capacity_factor == 1.5
     assert cfg.data.path == "/x/y"
+    assert load_config(None, ["optim.lr=5e-3"]).optim.lr == 0.005  # YAML 1.1 reads this as str
     cfg2 = load_config(path, ["moe.capacity_factor=null"])
     assert cfg2.moe.capacity_factor is None
 
@@ -65,6 +66,7 @@ def test_dump_round_trip(tmp_path):
      "train.max_steps='ten' has the wrong type: expected int, got str."),
     ({"train": {"max_steps": 1.5}},
      "train.max_steps=1.5 has the wrong type: expected int, got float."),
+    ({"optim": {"lr": "fast"}}, "optim.lr='fast' has the wrong type: expected float, got str."),
     ({"model": {"tie_embeddings": 1}},
      "model.tie_embeddings=1 has the wrong type: expected bool, got int."),
     ({"moe": {"dispatcher": "nccl"}},

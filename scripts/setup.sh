@@ -33,5 +33,5 @@ if [ "$TORCH_SPEC" != "skip" ]; then
 fi
 echo "setup: installing locmoe-train[$EXTRAS] (editable)"
 pip_install -e ".[$EXTRAS]"
-"$PY" -c "import torch, megatron.core, locmoe_train; print('setup: torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
+"$PY" -W ignore -c "import torch, megatron.core, locmoe_train; print('setup: torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
 echo "$want" > "$stamp"

@@ -66,11 +66,11 @@ def resolve(cfg, meta: dict):
     return cfg
 
 
-def check(cfg, world_size: int) -> None:
-    from locmoe_train.data.prepare import load_meta
+def check(cfg, world_size: int, meta: dict) -> None:
+    """Checks that need the world size and the data; UserError if the run cannot work."""
     from locmoe_train.parallel.state import check_layout
 
-    resolve(cfg, load_meta(cfg.data.path))
+    resolve(cfg, meta)
     etp, dp, edp = check_layout(cfg.parallel, world_size, cfg.moe.num_experts)
     g, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if g % (mb * dp):
@@ -96,9 +96,7 @@ def run(cfg) -> str:
     from locmoe_train.trainer import Trainer
 
     meta = load_meta(cfg.data.path)
-    resolve(cfg, meta)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    check(cfg, world)
+    check(cfg, int(os.environ.get("WORLD_SIZE", "1")), meta)
     t_start = time.time()
     pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, cfg.train.device, cfg.train.seed)
     sink = None
@@ -191,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                             "and optional --section.key=value overrides.")
         cfg = load_config(args.config, overrides)
         if args.check:
-            check(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-            print(f"config OK for world size {args.world_size or int(os.environ.get('WORLD_SIZE', '1'))}")
+            from locmoe_train.data.prepare import load_meta
+
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            check(cfg, world, load_meta(cfg.data.path))
+            print(f"config OK for world size {world}")
             return 0
         return EXIT_CODES.get(run(cfg), 1)
     except UserError as e:

@@ -77,13 +77,11 @@ class GradSync:
             _all_reduce_coalesced([p.grad for p in self.seq_parallel], pctx.tp_group)
         if pctx.dp > 1:
             _all_reduce_coalesced([p.grad for p in self.dense], pctx.dp_group, 1.0 / pctx.dp)
-        if pctx.edp > 1 or pctx.dp > 1:
-            scale = 1.0 / pctx.dp
-            if pctx.edp > 1:
-                _all_reduce_coalesced([p.grad for p in self.expert], pctx.edp_group, scale)
-            else:
-                for p in self.expert:
-                    p.grad.mul_(scale)
+        if pctx.edp > 1:
+            _all_reduce_coalesced([p.grad for p in self.expert], pctx.edp_group, 1.0 / pctx.dp)
+        elif pctx.dp > 1:
+            for p in self.expert:
+                p.grad.mul_(1.0 / pctx.dp)
 
     @torch.no_grad()
     def global_norm(self) -> torch.Tensor:

@@ -49,24 +49,41 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    # Which MoE layer implementation the layer spec plugs in.
-    impl: Literal["megatron"] = "megatron"
+    # Which MoE layer the layer spec plugs in: ours, or megatron-core's MoELayer
+    # (top-k router only; kept for comparisons on the same model).
+    impl: Literal["locmoe", "megatron"] = "locmoe"
+    # topk: Switch/GShard softmax top-k; expert_choice: Zhou et al. 2022;
+    # aux_free: DeepSeek-V3 sigmoid scores + load-driven bias; hash: token-id hash.
+    router: Literal["topk", "expert_choice", "aux_free", "hash"] = "topk"
     num_experts: int = 8
     top_k: int = 2
     # Per-expert SwiGLU width; null = model.ffn_hidden_size.
     ffn_hidden_size: Optional[int] = None
-    # null = dropless; a number = capacity factor with token dropping.
+    # topk: rescale the chosen experts' probabilities to sum to 1.
+    renormalize: bool = False
+    # null = dropless; a number = capacity factor with token dropping
+    # (expert_choice: average experts per token, default top_k).
     capacity_factor: Optional[float] = None
+    # Which tokens an over-full expert keeps: highest probability, or earliest.
+    drop_policy: Literal["probs", "position"] = "probs"
+    # Give every expert exactly its capacity (static shapes, no host sync).
+    pad_to_capacity: bool = False
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # Expert FFN implementation: grouped GEMM, per-expert loop, or auto
+    # (grouped on CUDA, loop on CPU).
+    experts: Literal["auto", "grouped", "loop"] = "auto"
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.0
+    # aux_free router: bias step per optimizer step (DeepSeek-V3's gamma).
+    bias_update_rate: float = 1e-3
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
     ep: int = 1
-    # Expert tensor parallel size; null = same as tp (Megatron's default).
+    # Expert tensor parallel size; null resolves to 1 for moe.impl=locmoe (whole
+    # experts per rank, replicated over TP) and to tp for moe.impl=megatron.
     etp: Optional[int] = None
     # Simulate nodes of this many ranks on one machine (locality tests and
     # benchmarks); null = real nodes from torchrun's LOCAL_WORLD_SIZE.
@@ -173,9 +190,12 @@ class TrainConfig:
         if moe.capacity_factor is not None and moe.capacity_factor <= 0:
             raise UserError(f"moe.capacity_factor={moe.capacity_factor} must be > 0, "
                             f"or null for dropless routing.")
-        etp = p.etp if p.etp is not None else p.tp
+        if p.etp is None:
+            p.etp = p.tp if moe.impl == "megatron" else 1
+        etp = p.etp
         if etp < 1:
-            raise UserError(f"parallel.etp={p.etp} must be >= 1 (or null to follow parallel.tp).")
+            raise UserError(f"parallel.etp={p.etp} must be >= 1 (or null for the default).")
+        self._validate_moe_impl()
         if moe.num_experts % p.ep:
             raise UserError(
                 f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}: "
@@ -218,6 +238,30 @@ class TrainConfig:
                 "checkpoint.interval / checkpoint.resume are not supported yet (checkpointing "
                 "is tracked in issue 6): set checkpoint.interval=0 and checkpoint.resume=null.")
         return self
+
+    def _validate_moe_impl(self) -> None:
+        moe, p = self.moe, self.parallel
+        if moe.impl == "megatron":
+            if moe.router != "topk":
+                raise UserError(f"moe.router={moe.router!r} needs moe.impl=locmoe; megatron-core's "
+                                f"MoELayer is compared with the topk router only.")
+            return
+        if moe.dispatcher != "alltoall":
+            raise UserError(f"moe.dispatcher={moe.dispatcher!r} is only available with "
+                            f"moe.impl=megatron; moe.impl=locmoe uses alltoall.")
+        if p.etp != 1:
+            raise UserError(
+                f"moe.impl=locmoe keeps whole experts on each rank (expert tensor parallel 1), "
+                f"but parallel.etp={p.etp}: set parallel.etp=1 (experts are then replicated over "
+                f"TP ranks and sharded over parallel.ep), or use moe.impl=megatron.")
+        if moe.router == "hash" and moe.top_k != 1:
+            raise UserError(f"moe.router=hash sends each token to one expert: set moe.top_k=1 "
+                            f"(got {moe.top_k}).")
+        if moe.pad_to_capacity and (moe.capacity_factor is None or moe.router != "topk"):
+            raise UserError("moe.pad_to_capacity=true needs moe.router=topk with a "
+                            "moe.capacity_factor (dropless routing has no capacity to pad to).")
+        if moe.router == "aux_free" and moe.bias_update_rate < 0:
+            raise UserError(f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0.")
 
     # ---- derived values ---------------------------------------------------
     @property

@@ -89,7 +89,7 @@ def run(cfg) -> str:
     from locmoe_train.metrics import ConsoleSink, JsonlSink, MultiSink
     from locmoe_train.model.gpt import build_model
     from locmoe_train.model.init import count_parameters
-    from locmoe_train.moe.stats import MegatronMoEStats
+    from locmoe_train.moe.stats import build_moe_stats
     from locmoe_train.optim.optimizer import build_optimizer
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train_step import TrainStep
@@ -116,7 +116,7 @@ def run(cfg) -> str:
 
         model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
         optimizer = build_optimizer(model, cfg.optim)
-        stats = MegatronMoEStats(model, cfg.moe.num_experts, cfg.moe.top_k, pctx.device)
+        stats = build_moe_stats(model, cfg, pctx.device)
         step_fn = TrainStep(model, optimizer, cfg, pctx, dtype, moe_stats=stats)
         counts = count_parameters(model, cfg, pctx)
 
@@ -156,7 +156,7 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
         "locmoe-train",
         f"  model    : {m.num_layers} layers (MoE in {moe_layers}), hidden {m.hidden_size}, "
         f"{m.num_attention_heads} heads, vocab {m.vocab_size}",
-        f"  moe      : impl={moe.impl} experts={moe.num_experts} top_k={moe.top_k} "
+        f"  moe      : impl={moe.impl} router={moe.router} experts={moe.num_experts} top_k={moe.top_k} "
         f"capacity={moe.capacity_factor or 'dropless'} dispatcher={moe.dispatcher}",
         f"  params   : {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
         f"per token ({counts['expert'] / 1e6:.2f}M in experts)",

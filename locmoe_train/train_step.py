@@ -5,10 +5,11 @@ ids: inputs are ``[:, :-1]``, labels ``[:, 1:]``) and returns its metrics as
 device tensors, local to this rank. It does no I/O and no host sync, so the
 trainer decides when to pay for reductions.
 
-Loss scaling: each micro-batch's mean token loss is divided by the number of
-micro-batches, and megatron's MoE auxiliary losses (which reach the gradient
-through ``MoEAuxLossAutoScaler``, not through the returned loss) are scaled
-the same way. ``GradSync`` then averages over data-parallel ranks.
+Loss scaling: each micro-batch's loss (mean token loss plus our MoE layers'
+weighted auxiliary losses) is divided by the number of micro-batches;
+megatron's MoE layer adds its auxiliary losses' gradient itself through
+``MoEAuxLossAutoScaler``, scaled the same way. ``GradSync`` then averages
+over data-parallel ranks. The reported ``loss`` is the LM loss alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from locmoe_train.config import TrainConfig
 from locmoe_train.model.gpt import causal_mask
+from locmoe_train.moe.layer import set_token_ids
 from locmoe_train.optim.schedule import lr_at
 from locmoe_train.parallel.grads import GradSync
 from locmoe_train.parallel.state import ParallelContext
@@ -44,6 +46,7 @@ class TrainStep:
         """Mean next-token loss of one micro-batch."""
         tokens = tokens.to(self.pctx.device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        set_token_ids(inputs)  # for routers that hash token ids
         with self.autocast():
             per_token = self.model(inputs, self.position_ids.expand(inputs.shape[0], -1),
                                    self.mask, labels=labels)
@@ -62,11 +65,15 @@ class TrainStep:
         loss_sum = torch.zeros((), device=self.pctx.device)
         for tokens in micro_batches:
             loss = self.forward_loss(tokens)
-            (loss / n).backward()
+            aux = self.moe_stats.pop_aux_loss() if self.moe_stats is not None else None
+            total = loss if aux is None else loss + aux
+            (total / n).backward()
             loss_sum += loss.detach()
         self.grad_sync.reduce()
         grad_norm = self.grad_sync.clip(self.cfg.optim.grad_clip)
         self.optimizer.step()
+        if self.moe_stats is not None:
+            self.moe_stats.step_end()
         metrics = {"loss": loss_sum / n, "grad_norm": grad_norm,
                    "lr": torch.tensor(lr)}
         if self.moe_stats is not None:

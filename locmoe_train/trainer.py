@@ -23,6 +23,9 @@ from locmoe_train.config import TrainConfig
 from locmoe_train.parallel.state import ParallelContext
 
 
+COUNT_KEYS = ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted")
+
+
 class StopRequested:
     """Flag set by signal handlers; the loop stops after the current step."""
 
@@ -117,14 +120,12 @@ class Trainer:
 
     def _moe_record(self, acc, n_steps: int) -> dict:
         pctx = self.pctx
-        tpe = acc["moe/tokens_per_expert"]
-        seen = acc["moe/tokens_seen"]
-        aux_names = [k for k in acc if k.startswith("moe/") and k not in
-                     ("moe/tokens_per_expert", "moe/tokens_seen")]
+        counts = {k: acc[f"moe/{k}"] for k in COUNT_KEYS}
+        aux_names = [k for k in acc if k.startswith("moe/") and k[4:] not in COUNT_KEYS]
         aux = torch.stack([acc[k] / n_steps for k in aux_names]) if aux_names else None
         if pctx.world_size > 1:
-            dist.all_reduce(tpe)
-            dist.all_reduce(seen)
+            for v in counts.values():
+                dist.all_reduce(v)
             if aux is not None:
                 # megatron's convention: per-rank values are partial over the TP
                 # (sequence-parallel) group; sum them there, average over DP.
@@ -135,21 +136,23 @@ class Trainer:
         out: dict = {"moe": {}}
         imbalances = []
         for i, layer in enumerate(layers):
-            counts = tpe[i]
-            mean = counts.mean().clamp_min(1e-9)
-            entry = {"tokens_per_expert": [int(c) for c in counts.tolist()],
-                     "max_over_mean": (counts.max() / mean).item(),
-                     "dropped_fraction": 1.0 - (counts.sum() / (seen[i] * cfg.top_k)
-                                                .clamp_min(1e-9)).item()}
+            tpe = counts["tokens_per_expert"][i]
+            entry = {"tokens_per_expert": [int(c) for c in tpe.tolist()],
+                     "max_over_mean": (tpe.max() / tpe.mean().clamp_min(1e-9)).item(),
+                     "dropped_fraction": 1.0 - (tpe.sum() / counts["requested_slots"][i]
+                                                .clamp_min(1e-9)).item(),
+                     "unrouted_fraction": (counts["unrouted"][i] / counts["tokens_seen"][i]
+                                           .clamp_min(1e-9)).item()}
             if aux is not None:
                 for j, name in enumerate(aux_names):
                     entry[name.removeprefix("moe/")] = aux[j][i].item()
             imbalances.append(entry["max_over_mean"])
             out["moe"][f"layer_{layer}"] = entry
         out["moe_imbalance"] = max(imbalances)
-        if aux is not None and "moe/load_balancing_loss" in aux_names:
-            j = aux_names.index("moe/load_balancing_loss")
-            out["aux_loss"] = cfg.aux_loss_coeff * aux[j].sum().item()
+        if aux is not None:
+            weights = {"moe/load_balancing_loss": cfg.aux_loss_coeff, "moe/z_loss": cfg.z_loss_coeff}
+            out["aux_loss"] = sum(weights[k] * aux[j].sum().item()
+                                  for j, k in enumerate(aux_names))
         return out
 
     def _log_eval(self) -> None:

@@ -61,7 +61,10 @@ def transformer_config(cfg: TrainConfig, pctx: ParallelContext, precision: torch
         moe_router_dtype="fp32",
         moe_token_dispatcher_type=moe.dispatcher,
         moe_expert_capacity_factor=moe.capacity_factor,
-        moe_token_drop_policy="probs",
+        moe_token_drop_policy=moe.drop_policy,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+        # Softmax over all experts, then top-k (Switch/GShard) unless renormalised.
+        moe_router_pre_softmax=not moe.renormalize,
         moe_grouped_gemm=False,
         init_method_std=m.init_std,
         # We initialise parameters ourselves, layout-independently (model/init.py).
@@ -87,8 +90,18 @@ def _megatron_moe_spec(cfg: TrainConfig):
         backend=LocalSpecProvider(), num_experts=cfg.moe.num_experts, moe_grouped_gemm=False)
 
 
+def _locmoe_spec(cfg: TrainConfig):
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from locmoe_train.moe.layer import LocMoELayer
+
+    return ModuleSpec(module=LocMoELayer, params={
+        "moe_cfg": cfg.moe, "ffn_hidden_size": cfg.moe_ffn_hidden_size,
+        "vocab_size": cfg.model.vocab_size or 1, "seed": cfg.train.seed})
+
+
 # moe.impl -> builder of the MLP ModuleSpec for MoE layers.
-MOE_IMPLS: dict[str, Callable] = {"megatron": _megatron_moe_spec}
+MOE_IMPLS: dict[str, Callable] = {"locmoe": _locmoe_spec, "megatron": _megatron_moe_spec}
 
 
 def layer_spec(cfg: TrainConfig, moe: bool):

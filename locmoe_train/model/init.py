@@ -37,6 +37,8 @@ class ShardInfo:
     size: int  # partition group size
     glu: bool  # SwiGLU fc1: gate and up halves sharded separately
     expert: bool
+    # A megatron SequentialMLP expert: this rank sees only its EP share of them.
+    local_expert_copy: bool = False
 
 
 def is_expert_param(name: str) -> bool:
@@ -67,20 +69,23 @@ def tag_tensor_parallel(model: torch.nn.Module) -> None:
 
 def shard_info(name: str, param: torch.Tensor, cfg: TrainConfig, pctx: ParallelContext) -> ShardInfo:
     expert = is_expert_param(name)
-    canonical = name
-    if expert:
-        num_local = cfg.moe.num_experts // pctx.ep
-        canonical = _LOCAL_EXPERT.sub(
-            lambda m: f".experts.{pctx.ep_rank * num_local + int(m.group(1))}.", name)
+    shape = list(param.shape)
+    ep_dim = getattr(param, "expert_parallel_dim", None)
+    if ep_dim is not None:  # our stacked experts: the expert dim is split over EP ranks
+        shape[ep_dim] *= pctx.ep
+        return ShardInfo(name, tuple(shape), ep_dim, pctx.ep_rank, pctx.ep, False, True)
+    canonical = _LOCAL_EXPERT.sub(
+        lambda m: f".experts.{pctx.ep_rank * (cfg.moe.num_experts // pctx.ep) + int(m.group(1))}.",
+        name)
     sharded = bool(getattr(param, "tensor_model_parallel", False))
     dim = getattr(param, "partition_dim", 0) if sharded else None
     size = (pctx.etp if expert else pctx.tp) if sharded else 1
     rank = (pctx.etp_rank if expert else pctx.tp_rank) if sharded else 0
-    shape = list(param.shape)
     if dim is not None:
         shape[dim] *= size
     glu = sharded and name.endswith("linear_fc1.weight")
-    return ShardInfo(canonical, tuple(shape), dim, rank, size, glu, expert)
+    return ShardInfo(canonical, tuple(shape), dim, rank, size, glu, expert,
+                     local_expert_copy=canonical != name)
 
 
 def take_shard(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
@@ -96,7 +101,7 @@ def take_shard(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
 
 def _std(name: str, cfg: TrainConfig) -> float:
     # Output projections of residual branches are scaled down with depth (GPT-2 / Megatron).
-    if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight", ".experts.w2")):
         return cfg.model.init_std / math.sqrt(2.0 * cfg.model.num_layers)
     return cfg.model.init_std
 
@@ -121,10 +126,13 @@ def count_parameters(model: torch.nn.Module, cfg: TrainConfig, pctx: ParallelCon
     expert = 0
     for name, param in model.named_parameters():
         info = shard_info(name, param, cfg, pctx)
-        if info.expert:
-            expert += math.prod(info.full_shape) * pctx.ep  # same shapes on every EP rank
+        size = math.prod(info.full_shape)
+        if info.local_expert_copy:
+            expert += size * pctx.ep  # the other EP ranks hold experts of the same shape
+        elif info.expert:
+            expert += size
         else:
-            seen[info.canonical] = math.prod(info.full_shape)
+            seen[info.canonical] = size
     dense = sum(seen.values())
     active = dense + expert * cfg.moe.top_k // cfg.moe.num_experts
     return {"total": dense + expert, "expert": expert, "active": active}

@@ -1,53 +1,130 @@
-"""Per-MoE-layer routing statistics for megatron-core's MoE layer (``moe.impl: megatron``).
+"""Per-step MoE bookkeeping shared by the train step and the trainer, for either impl.
 
-Forward hooks on every router accumulate, on device and without syncing,
-how many tokens each expert received (after any capacity drop) and how many
-token slots were asked for; megatron's process-global loss tracker holds
-the auxiliary losses. ``collect`` reads and resets both once per optimizer
-step. Counts are local to this rank; the trainer sums them over the world
-(every token is routed on exactly one rank: DP ranks and, with sequence
-parallelism, TP ranks see disjoint tokens).
+Legend: L MoE layers, E experts.
+
+``collect(n)`` returns, local to this rank and reset afterwards:
+``tokens_per_expert`` [L, E] (after any capacity drop), ``tokens_seen``,
+``requested_slots``, ``unrouted`` (tokens with no expert) [L], and each
+auxiliary term (unweighted, mean over the step's micro-batches) [L]. The
+trainer sums counts over the world: every token is routed on exactly one
+rank (DP ranks and, with sequence parallelism, TP ranks see disjoint tokens).
+
+``pop_aux_loss()`` gives the train step the weighted aux loss of the last
+forward, to add to the LM loss (megatron's layer injects its own into the
+backward instead). ``step_end()`` runs after each optimizer step: routers
+that adapt to the load (aux-loss-free bias) get the step's global counts.
 """
 
 from __future__ import annotations
 
 import torch
 
+from locmoe_train.moe.routers import all_reduce_counts
+
+
+def _layer_index(module_name: str) -> int:
+    return int(module_name.split("layers.")[1].split(".")[0])
+
+
+class LocMoEStats:
+    AUX = ("load_balancing_loss", "z_loss")
+
+    def __init__(self, model: torch.nn.Module):
+        from locmoe_train.moe.layer import LocMoELayer
+
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, LocMoELayer)]
+        self.layers = [_layer_index(n) for n, _ in named]
+        self.modules = [m for _, m in named]
+        cfg = self.modules[0].moe_cfg
+        self.aux_names = [n for n, c in zip(self.AUX, (cfg.aux_loss_coeff, cfg.z_loss_coeff)) if c > 0]
+        self.adaptive = any(m.router.adapts_to_load for m in self.modules)
+
+    def pop_aux_loss(self):
+        total = None
+        for m in self.modules:
+            aux = m.pop_aux_loss()
+            if aux is not None:
+                total = aux if total is None else total + aux
+        return total
+
+    @torch.no_grad()
+    def step_end(self) -> None:
+        if not self.adaptive:
+            for m in self.modules:
+                m.stat_step_tokens_per_expert.zero_()
+            return
+        counts_LE = all_reduce_counts(torch.stack([m.stat_step_tokens_per_expert for m in self.modules]))
+        for m, counts_E in zip(self.modules, counts_LE):
+            m.router.step_end(counts_E)
+            m.stat_step_tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def collect(self, num_micro_batches: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted"):
+            out[key] = torch.stack([getattr(m, f"stat_{key}").clone() for m in self.modules])
+        for key in self.aux_names:
+            out[key] = torch.stack([getattr(m, f"stat_{key}") for m in self.modules]) / num_micro_batches
+        for m in self.modules:
+            for key in ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted",
+                        *self.AUX):
+                getattr(m, f"stat_{key}").zero_()
+        return out
+
 
 class MegatronMoEStats:
+    """The same bookkeeping for megatron-core's MoELayer (``moe.impl: megatron``).
+
+    Forward hooks on its routers count tokens; its process-global tracker
+    holds the aux losses (it adds their gradient itself).
+    """
+
     def __init__(self, model: torch.nn.Module, num_experts: int, top_k: int, device):
         from megatron.core.transformer.moe.router import Router
 
         self.top_k = top_k
-        self.layers: list[int] = []  # 0-based index of each MoE layer in the decoder
         routers = [(n, m) for n, m in model.named_modules() if isinstance(m, Router)]
-        self.tokens_per_expert = torch.zeros(len(routers), num_experts, device=device)
-        self.tokens_seen = torch.zeros(len(routers), device=device)
-        for i, (name, router) in enumerate(routers):
-            self.layers.append(int(name.split("layers.")[1].split(".")[0]))
+        self.layers = [_layer_index(n) for n, _ in routers]
+        L = len(routers)
+        self.acc = {"tokens_per_expert": torch.zeros(L, num_experts, device=device),
+                    "tokens_seen": torch.zeros(L, device=device),
+                    "requested_slots": torch.zeros(L, device=device),
+                    "unrouted": torch.zeros(L, device=device)}
+        for i, (_, router) in enumerate(routers):
             router.register_forward_hook(self._hook(i))
 
     def _hook(self, i: int):
         def hook(module, args, output):
             _, routing_map = output
             if module.training:
-                self.tokens_per_expert[i] += routing_map.detach().sum(0).float()
-                self.tokens_seen[i] += routing_map.shape[0]
+                routing_map = routing_map.detach()
+                self.acc["tokens_per_expert"][i] += routing_map.sum(0).float()
+                self.acc["tokens_seen"][i] += routing_map.shape[0]
+                self.acc["requested_slots"][i] += routing_map.shape[0] * self.top_k
+                self.acc["unrouted"][i] += (~routing_map.any(-1)).sum()
         return hook
 
+    def pop_aux_loss(self):
+        return None
+
+    def step_end(self) -> None:
+        pass
+
     def collect(self, num_micro_batches: int) -> dict[str, torch.Tensor]:
-        """Stats of the last step (local to this rank); resets the accumulators."""
         from megatron.core.transformer.moe.moe_utils import (
             clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker)
 
-        out = {"tokens_per_expert": self.tokens_per_expert.clone(),
-               "tokens_seen": self.tokens_seen.clone()}
-        tracker = get_moe_layer_wise_logging_tracker()
-        for name, entry in tracker.items():
+        out = {k: v.clone() for k, v in self.acc.items()}
+        for name, entry in get_moe_layer_wise_logging_tracker().items():
             # The tracker sums each micro-batch's unweighted loss per layer.
-            values = entry["values"].detach()
-            out[name] = values[self.layers] / num_micro_batches
+            out[name] = entry["values"].detach()[self.layers] / num_micro_batches
         clear_aux_losses_tracker()
-        self.tokens_per_expert.zero_()
-        self.tokens_seen.zero_()
+        for v in self.acc.values():
+            v.zero_()
         return out
+
+
+def build_moe_stats(model: torch.nn.Module, cfg, device):
+    if cfg.moe.impl == "megatron":
+        return MegatronMoEStats(model, cfg.moe.num_experts, cfg.moe.top_k, device)
+    return LocMoEStats(model)

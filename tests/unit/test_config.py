@@ -22,7 +22,10 @@ def write(tmp_path, data) -> str:
 def test_defaults_validate():
     cfg = load_config(None, [])
     assert isinstance(cfg, TrainConfig)
-    assert cfg.moe.impl == "megatron"
+    assert cfg.moe.impl == "locmoe" and cfg.moe.router == "topk"
+    assert cfg.parallel.etp == 1  # resolved: our layer keeps whole experts per rank
+    assert load_config(None, ["moe.impl=megatron", "parallel.tp=2", "data.seq_len=128"]
+                       ).parallel.etp == 2  # megatron's default: etp follows tp
     assert cfg.dense_ffn_hidden_size == 384  # 8/3 * 128 rounded up to 64
 
 
@@ -82,6 +85,16 @@ def test_dump_round_trip(tmp_path):
      "data.seq_len=33 is not divisible by parallel.tp=2"),
     ({"train": {"max_steps": 0}}, "train.max_steps=0 must be a positive integer."),
     ({"model": {"moe_every": 9}}, "model.moe_every=9 is larger than model.num_layers=4"),
+    ({"moe": {"router": "hash"}}, "moe.router=hash sends each token to one expert: set moe.top_k=1"),
+    ({"moe": {"impl": "megatron", "router": "expert_choice"}},
+     "moe.router='expert_choice' needs moe.impl=locmoe"),
+    ({"moe": {"pad_to_capacity": True}},
+     "moe.pad_to_capacity=true needs moe.router=topk with a moe.capacity_factor"),
+    ({"parallel": {"tp": 2, "etp": 2}},
+     "moe.impl=locmoe keeps whole experts on each rank (expert tensor parallel 1), but "
+     "parallel.etp=2"),
+    ({"moe": {"dispatcher": "allgather"}},
+     "moe.dispatcher='allgather' is only available with moe.impl=megatron"),
 ])
 def test_validation_messages(tmp_path, data, message):
     with pytest.raises(UserError) as e:
@@ -112,7 +125,9 @@ def test_missing_and_invalid_file(tmp_path):
 def test_layout_checks():
     cfg = load_config(None, ["parallel.ep=2"])
     assert check_layout(cfg.parallel, 2, 8) == (1, 2, 1)
-    assert check_layout(load_config(None, ["parallel.tp=2"]).parallel, 4, 8) == (2, 2, 2)
+    assert check_layout(load_config(None, ["parallel.tp=2"]).parallel, 4, 8) == (1, 2, 4)
+    megatron_tp2 = load_config(None, ["parallel.tp=2", "moe.impl=megatron"]).parallel
+    assert check_layout(megatron_tp2, 4, 8) == (2, 2, 2)
     with pytest.raises(UserError, match="parallel.ep=2 x expert tensor parallel 1 = 2 does not "
                                         "divide the world size 3"):
         check_layout(cfg.parallel, 3, 8)

@@ -47,24 +47,31 @@ def _build(megatron_reset, overrides):
     return cfg, pctx, build_model(cfg, pctx, 100)
 
 
-def test_model_forward_init_and_counts(megatron_reset):
+@pytest.mark.parametrize("impl", ["locmoe", "megatron"])
+def test_model_forward_init_and_counts(megatron_reset, impl):
     from locmoe_train.model.gpt import causal_mask
 
-    cfg, pctx, model = _build(megatron_reset, ["model.moe_every=2"])
+    cfg, pctx, model = _build(megatron_reset, ["model.moe_every=2", f"moe.impl={impl}"])
     names = [n for n, _ in model.named_parameters()]
-    # Layer 0 is MoE, layer 1 dense (megatron's moe_layer_freq convention).
-    assert any(n.startswith("decoder.layers.0.mlp.experts.local_experts.3.") for n in names)
-    assert "decoder.layers.1.mlp.linear_fc1.weight" in names
     params = dict(model.named_parameters())
+    # Layer 0 is MoE, layer 1 dense (megatron's moe_layer_freq convention).
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in names
+    if impl == "megatron":
+        assert any(n.startswith("decoder.layers.0.mlp.experts.local_experts.3.") for n in names)
+        e0 = params["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]
+        e1 = params["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"]
+    else:
+        w13 = params["decoder.layers.0.mlp.experts.w13"]
+        assert w13.shape == (4, 64, 2 * cfg.moe_ffn_hidden_size)
+        assert params["decoder.layers.0.mlp.experts.w2"].std().item() == pytest.approx(
+            0.02 / math.sqrt(4), rel=0.1)
+        e0, e1 = w13[0], w13[1]
     assert torch.all(params["decoder.layers.0.input_layernorm.weight"] == 1)
     qkv = params["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert qkv.std().item() == pytest.approx(0.02, rel=0.1)
     proj = params["decoder.layers.0.self_attention.linear_proj.weight"]
     assert proj.std().item() == pytest.approx(0.02 / math.sqrt(4), rel=0.1)
-    # Same name, same seed -> same values; different experts differ.
-    e0 = params["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]
-    e1 = params["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"]
-    assert not torch.equal(e0, e1)
+    assert not torch.equal(e0, e1)  # experts are initialised independently
     counts = count_parameters(model, cfg, pctx)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["active"] == counts["total"] - counts["expert"] // 2  # top-2 of 4 experts

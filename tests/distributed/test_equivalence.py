@@ -1,5 +1,7 @@
 """EP=2 and TP=2 (2 gloo ranks) reproduce the 1-rank run on the same global batch.
 
+For both MoE implementations: ours (moe.impl=locmoe) and megatron-core's.
+
 Each run goes through the real CLI (torchrun for 2 ranks) and writes
 metrics.jsonl with one record per step; the per-step training losses, the
 gradient norms and the final validation loss must match to 1e-5 relative.
@@ -34,20 +36,28 @@ def train_records(tmp_path, tiny_data, name, extra, nproc):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, tiny_data):
-    return {cap: train_records(tmp_path_factory.mktemp("base"), tiny_data, "world1",
-                               [f"--moe.capacity_factor={cap}"], 1)
-            for cap in ("null", "1.0")}
+    runs = {}
+
+    def get(impl, cap):
+        if (impl, cap) not in runs:
+            runs[impl, cap] = train_records(
+                tmp_path_factory.mktemp("base"), tiny_data, "world1",
+                [f"--moe.impl={impl}", f"--moe.capacity_factor={cap}"], 1)
+        return runs[impl, cap]
+    return get
 
 
-@pytest.mark.parametrize("name, layout, cap", [
-    ("ep2", ["--parallel.ep=2"], "null"),
-    ("tp2", ["--parallel.tp=2"], "null"),
-    ("ep2_capacity", ["--parallel.ep=2"], "1.0"),  # token dropping under EP
+@pytest.mark.parametrize("name, layout, impl, cap", [
+    ("ep2", ["--parallel.ep=2"], "locmoe", "null"),
+    ("tp2", ["--parallel.tp=2"], "locmoe", "null"),
+    ("ep2_capacity", ["--parallel.ep=2"], "locmoe", "1.0"),  # token dropping under EP
+    ("ep2_megatron", ["--parallel.ep=2"], "megatron", "null"),  # megatron-core's MoELayer
+    ("tp2_megatron", ["--parallel.tp=2"], "megatron", "null"),  # with expert TP = 2
 ])
-def test_two_ranks_match_one(tmp_path, tiny_data, baseline, name, layout, cap):
-    base_train, base_val = baseline[cap]
+def test_two_ranks_match_one(tmp_path, tiny_data, baseline, name, layout, impl, cap):
+    base_train, base_val = baseline(impl, cap)
     train, val = train_records(tmp_path, tiny_data, name,
-                               layout + [f"--moe.capacity_factor={cap}"], 2)
+                               layout + [f"--moe.impl={impl}", f"--moe.capacity_factor={cap}"], 2)
     for a, b in zip(base_train, train):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

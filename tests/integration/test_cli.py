@@ -85,3 +85,28 @@ def test_check_mode_accepts_valid_layout(tiny_data):
                  "--world-size=2"])
     assert r.returncode == 0, r.stderr
     assert "config OK for world size 2" in r.stdout
+
+
+@pytest.mark.parametrize("router_args", [
+    ["--moe.router=expert_choice"],
+    ["--moe.router=aux_free", "--moe.aux_loss_coeff=0"],
+    ["--moe.router=hash", "--moe.top_k=1"],
+    ["--moe.capacity_factor=1.0", "--moe.pad_to_capacity=true", "--moe.drop_policy=position",
+     "--moe.z_loss_coeff=0.001"],
+])
+def test_routers_train_end_to_end(tmp_path, tiny_data, router_args):
+    run_dir = tmp_path / "run"
+    r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
+                 "--parallel.ep=1", "--train.max_steps=15", "--train.eval_interval=0",
+                 f"--logging.run_dir={run_dir}", *router_args])
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [x for x in read_metrics(str(run_dir)) if "loss" in x]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    layer = train[-1]["moe"]["layer_0"]
+    assert len(layer["tokens_per_expert"]) == 4
+    if "--moe.z_loss_coeff=0.001" in router_args:
+        assert layer["z_loss"] > 0 and layer["dropped_fraction"] > 0
+    if "--moe.router=hash" in router_args:
+        # One expert per token, never dropped.
+        assert layer["dropped_fraction"] == pytest.approx(0.0, abs=1e-6)
+        assert layer["unrouted_fraction"] == 0.0

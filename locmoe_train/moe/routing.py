@@ -32,8 +32,12 @@ class RoutingResult:
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Tokens each expert may take: ``ceil(factor * T * K / E)`` (at least 1)."""
-    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    """Tokens each expert may take: ``ceil(factor * T * K / E)`` (at least 1).
+
+    Rounded to 9 decimals before the ceiling so that float noise does not add
+    a slot (1.1 * 25 * 2 / 5 is 11.000000000000002 in binary floating point).
+    """
+    return max(1, math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9)))
 
 
 def drop_over_capacity(routing_map_TE: torch.Tensor, priority_TE: torch.Tensor, capacity: int,

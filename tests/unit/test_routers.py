@@ -45,6 +45,8 @@ def test_expert_capacity_exact_rounding_and_minimum():
     assert expert_capacity(1, 64, 1, 1.0) == 1  # 1/64 rounds up to 1
     assert expert_capacity(3, 8, 1, 0.01) == 1  # minimum 1
     assert expert_capacity(0, 8, 2, 1.0) == 1  # even for no tokens
+    # The paper's baseline factor: 1.1 * 25 * 2 / 5 is 11 exactly, not 11.000000000000002.
+    assert expert_capacity(25, 5, 2, 1.1) == 11
 
 
 # ---- drop_over_capacity ---------------------------------------------------------
@@ -87,6 +89,16 @@ def test_drop_over_capacity_probs_tie_at_every_place_keeps_token_order():
     assert torch.equal(kept, _bool([[1], [1], [0], [0], [0]]))
     kept = drop_over_capacity(map_TE, priority, 3, "probs")
     assert torch.equal(kept, _bool([[1], [1], [1], [0], [0]]))
+    # Larger ties (an unstable sort reorders these): 20 tokens, every third at 0.9,
+    # the rest at 0.5; capacity 10 keeps the seven 0.9s, then t1, t2, t4.
+    map_TE = torch.ones(20, 2, dtype=torch.bool)
+    priority = torch.full((20, 2), 0.5)
+    priority[::3, 0] = 0.9
+    kept = drop_over_capacity(map_TE, priority, 10, "probs")
+    expected_0 = torch.zeros(20, dtype=torch.bool)
+    expected_0[[0, 3, 6, 9, 12, 15, 18, 1, 2, 4]] = True
+    assert torch.equal(kept[:, 0], expected_0)
+    assert torch.equal(kept[:, 1], torch.arange(20) < 10)  # all tied: the first ten
 
 
 def test_drop_over_capacity_position_keeps_earliest():
@@ -383,9 +395,9 @@ def test_aux_free_router_top2_gates_normalised_sigmoid_scores():
     expected = torch.tensor([[s[0, 0] / (s[0, 0] + s[0, 1]), s[0, 1] / (s[0, 0] + s[0, 1]), 0.0],
                              [0.0, s[1, 1] / (s[1, 1] + s[1, 2]), s[1, 2] / (s[1, 1] + s[1, 2])]])
     torch.testing.assert_close(out.gates_TE, expected)
-    # Bias -0.5 on expert 0: t0's scores + bias are .231, .622, .5 -> experts 1, 2;
+    # Bias [-0.5, 0.1, 0]: t0's scores + bias are .231, .722, .5 -> experts 1, 2;
     # the gates are the unbiased sigmoid scores .622 and .5, normalised.
-    router.expert_bias.copy_(torch.tensor([-0.5, 0.0, 0.0]))
+    router.expert_bias.copy_(torch.tensor([-0.5, 0.1, 0.0]))
     out = router(AF_LOGITS)
     assert torch.equal(out.routing_map_TE, _bool([[0, 1, 1], [0, 1, 1]]))
     g1, g2 = torch.sigmoid(torch.tensor(0.5)), torch.sigmoid(torch.tensor(0.0))

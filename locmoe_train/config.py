@@ -48,13 +48,53 @@ class ModelConfig:
 
 
 @dataclass
+class CapacityConfig:
+    """LocMoE+ expert capacity C (tokens per expert per sequence), METHOD.md section 3."""
+    # controller: re-estimate every `interval` steps; fixed: C0 forever;
+    # linear_decay: factor falls linearly factor0 -> decay_to over the first decay_fraction of steps.
+    policy: Literal["controller", "fixed", "linear_decay"] = "controller"
+    # C0 = ceil(factor0 * seq_len * top_k / num_experts)
+    factor0: float = 1.1
+    interval: int = 100
+    # No re-estimation before this optimizer step.
+    warmup: int = 100
+    # C never drops below ceil(min_fraction * C0).
+    min_fraction: float = 0.4
+    # C_ema <- ema * C_ema + (1 - ema) * C_target
+    ema: float = 0.9
+    # C is rounded up to a multiple of this (8 on CPU, 64 on GPU suit the hardware).
+    multiple: int = 8
+    # Roll C back when the mean training loss over the `rollback_window` steps
+    # after a cut exceeds the window before it by more than `rollback_tolerance` (relative).
+    rollback_window: int = 50
+    rollback_tolerance: float = 0.02
+    decay_to: float = 0.66
+    decay_fraction: float = 0.1
+
+
+@dataclass
+class LocMoEPlusConfig:
+    """The affinity router (moe.router=locmoe_plus), METHOD.md sections 1-2."""
+    # tcr_ecr: token choice then expert choice (LocMoE+); tcr: token choice only
+    # (no capacity); ecr: expert choice only (each expert's top-C tokens).
+    mode: Literal["tcr_ecr", "tcr", "ecr"] = "tcr_ecr"
+    # Gate value softmax(affinity / tau).
+    tau: float = 1.0
+    learn_tau: bool = False
+    # local: each rank ranks its own tokens; global: thresholds over the TP/SP group.
+    ranking: Literal["local", "global"] = "local"
+    # At evaluation run token choice only (ECR is non-causal).
+    eval_token_choice: bool = True
+
+
+@dataclass
 class MoEConfig:
     # Which MoE layer the layer spec plugs in: ours, or megatron-core's MoELayer
     # (top-k router only; kept for comparisons on the same model).
     impl: Literal["locmoe", "megatron"] = "locmoe"
     # topk: Switch/GShard softmax top-k; expert_choice: Zhou et al. 2022;
     # aux_free: DeepSeek-V3 sigmoid scores + load-driven bias; hash: token-id hash.
-    router: Literal["topk", "expert_choice", "aux_free", "hash"] = "topk"
+    router: Literal["topk", "expert_choice", "aux_free", "hash", "locmoe_plus"] = "topk"
     num_experts: int = 8
     top_k: int = 2
     # Per-expert SwiGLU width; null = model.ffn_hidden_size.
@@ -76,6 +116,12 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     # aux_free router: bias step per optimizer step (DeepSeek-V3's gamma).
     bias_update_rate: float = 1e-3
+    # LocMoE locality loss mu * KL(D_c || D_l); active only when the experts of
+    # the EP group live on more than one node (real or parallel.ranks_per_node).
+    locality_loss_coeff: float = 0.0
+    locality_eps: float = 0.1
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    locmoe: LocMoEPlusConfig = field(default_factory=LocMoEPlusConfig)
 
 
 @dataclass
@@ -288,23 +334,46 @@ class TrainConfig:
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
     """Build a validated config from an optional YAML file plus dotted overrides."""
-    raw: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise UserError(f"config file {path!r} does not exist: pass --config with the path "
-                            f"of a YAML file (see configs/).")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise UserError(f"config file {path!r} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {path!r} must hold a mapping of sections, "
-                            f"got {type(raw).__name__}.")
+    raw = _read_yaml(path, []) if path is not None else {}
     cfg = from_dict(TrainConfig, raw, "")
     for item in overrides or []:
         apply_override(cfg, item)
     return cfg.validate()
+
+
+def _read_yaml(path: str, chain: list[str]) -> dict:
+    """Read a config file; a top-level ``base: other.yaml`` (relative to this file) is
+    loaded first and this file's sections are merged over it key by key."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist: pass --config with the path "
+                        f"of a YAML file (see configs/).")
+    if os.path.abspath(path) in chain:
+        raise UserError(f"config file {path!r} includes itself through 'base:'.")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path!r} must hold a mapping of sections, "
+                        f"got {type(raw).__name__}.")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UserError(f"'base' in {path!r} must be a file path, got {base!r}.")
+    merged = _read_yaml(os.path.join(os.path.dirname(path), base), chain + [os.path.abspath(path)])
+    return _merge(merged, raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def parse_override_args(argv: list[str]) -> list[str]:

@@ -47,7 +47,12 @@ class ConsoleSink:
                 parts.append(f"aux {_fmt(record['aux_loss'])}")
             if "moe_imbalance" in record:
                 parts.append(f"imb {record['moe_imbalance']:.2f}")
+            if "moe_capacity" in record:
+                parts.append(f"C {record['moe_capacity']}")
             line = " | ".join(parts)
+            for e in record.get("capacity_events", []):
+                line += (f"\n    capacity of layer {e['layer']}: {e['old']} -> {e['new']} "
+                         f"({e['reason']} at step {e['step']})")
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.stream, flush=True)
 
     def close(self) -> None:

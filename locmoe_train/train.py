@@ -149,6 +149,18 @@ def run(cfg) -> str:
         destroy_parallel()
 
 
+def _capacity_summary(moe) -> str:
+    if moe.router == "locmoe_plus":
+        if moe.locmoe.mode == "tcr":
+            return "none (token choice only)"
+        c = moe.capacity
+        return (f"{c.policy} from factor {c.factor0} (every {c.interval} steps after {c.warmup})"
+                if c.policy == "controller" else f"{c.policy} from factor {c.factor0}")
+    if moe.router == "expert_choice":
+        return f"expert choice x{moe.capacity_factor or moe.top_k}"
+    return f"factor {moe.capacity_factor}" if moe.capacity_factor else "dropless"
+
+
 def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
     m, moe = cfg.model, cfg.moe
     moe_layers = len(range(0, m.num_layers, m.moe_every))
@@ -157,7 +169,7 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
         f"  model    : {m.num_layers} layers (MoE in {moe_layers}), hidden {m.hidden_size}, "
         f"{m.num_attention_heads} heads, vocab {m.vocab_size}",
         f"  moe      : impl={moe.impl} router={moe.router} experts={moe.num_experts} top_k={moe.top_k} "
-        f"capacity={moe.capacity_factor or 'dropless'} dispatcher={moe.dispatcher}",
+        f"capacity: {_capacity_summary(moe)}",
         f"  params   : {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
         f"per token ({counts['expert'] / 1e6:.2f}M in experts)",
         f"  layout   : {pctx.describe()}, precision {precision}",

@@ -73,7 +73,7 @@ class TrainStep:
         grad_norm = self.grad_sync.clip(self.cfg.optim.grad_clip)
         self.optimizer.step()
         if self.moe_stats is not None:
-            self.moe_stats.step_end()
+            self.moe_stats.step_end(step, loss_sum / n)
         metrics = {"loss": loss_sum / n, "grad_norm": grad_norm,
                    "lr": torch.tensor(lr)}
         if self.moe_stats is not None:

@@ -23,7 +23,7 @@ from locmoe_train.config import TrainConfig
 from locmoe_train.parallel.state import ParallelContext
 
 
-COUNT_KEYS = ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted")
+COUNT_KEYS = ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted", "same_node")
 
 
 class StopRequested:
@@ -115,12 +115,15 @@ class Trainer:
         record["step_time_s"] = elapsed / n_steps
         if "moe/tokens_per_expert" in acc:
             record.update(self._moe_record(acc, n_steps))
+            events = self.step_fn.moe_stats.pop_events()
+            if events:
+                record["capacity_events"] = events
         if pctx.is_main and self.sink is not None:
             self.sink.write(record)
 
     def _moe_record(self, acc, n_steps: int) -> dict:
         pctx = self.pctx
-        counts = {k: acc[f"moe/{k}"] for k in COUNT_KEYS}
+        counts = {k: acc[f"moe/{k}"] for k in COUNT_KEYS if f"moe/{k}" in acc}
         aux_names = [k for k in acc if k.startswith("moe/") and k[4:] not in COUNT_KEYS]
         aux = torch.stack([acc[k] / n_steps for k in aux_names]) if aux_names else None
         if pctx.world_size > 1:
@@ -133,6 +136,7 @@ class Trainer:
                 aux = aux / pctx.dp
         cfg = self.cfg.moe
         layers = self.step_fn.moe_stats.layers
+        gauges = self.step_fn.moe_stats.gauges()
         out: dict = {"moe": {}}
         imbalances = []
         for i, layer in enumerate(layers):
@@ -143,14 +147,22 @@ class Trainer:
                                                 .clamp_min(1e-9)).item(),
                      "unrouted_fraction": (counts["unrouted"][i] / counts["tokens_seen"][i]
                                            .clamp_min(1e-9)).item()}
+            if "same_node" in counts:
+                entry["same_node_share"] = (counts["same_node"][i] / tpe.sum().clamp_min(1e-9)).item()
             if aux is not None:
                 for j, name in enumerate(aux_names):
                     entry[name.removeprefix("moe/")] = aux[j][i].item()
+            # NaN (not measured yet) becomes null: metrics.jsonl stays strict JSON.
+            entry.update({k: (None if v != v else v) for k, v in gauges.get(layer, {}).items()})
             imbalances.append(entry["max_over_mean"])
             out["moe"][f"layer_{layer}"] = entry
         out["moe_imbalance"] = max(imbalances)
+        capacities = [g["capacity"] for g in gauges.values() if "capacity" in g]
+        if capacities:
+            out["moe_capacity"] = int(min(capacities))
         if aux is not None:
-            weights = {"moe/load_balancing_loss": cfg.aux_loss_coeff, "moe/z_loss": cfg.z_loss_coeff}
+            weights = {"moe/load_balancing_loss": cfg.aux_loss_coeff, "moe/z_loss": cfg.z_loss_coeff,
+                       "moe/locality_loss": cfg.locality_loss_coeff}
             out["aux_loss"] = sum(weights[k] * aux[j].sum().item()
                                   for j, k in enumerate(aux_names))
         return out

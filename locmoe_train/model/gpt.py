@@ -82,7 +82,7 @@ def transformer_config(cfg: TrainConfig, pctx: ParallelContext, precision: torch
     )
 
 
-def _megatron_moe_spec(cfg: TrainConfig):
+def _megatron_moe_spec(cfg: TrainConfig, pctx: ParallelContext):
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
@@ -90,21 +90,23 @@ def _megatron_moe_spec(cfg: TrainConfig):
         backend=LocalSpecProvider(), num_experts=cfg.moe.num_experts, moe_grouped_gemm=False)
 
 
-def _locmoe_spec(cfg: TrainConfig):
+def _locmoe_spec(cfg: TrainConfig, pctx: ParallelContext):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from locmoe_train.moe.layer import LocMoELayer
 
     return ModuleSpec(module=LocMoELayer, params={
         "moe_cfg": cfg.moe, "ffn_hidden_size": cfg.moe_ffn_hidden_size,
-        "vocab_size": cfg.model.vocab_size or 1, "seed": cfg.train.seed})
+        "vocab_size": cfg.model.vocab_size or 1, "seed": cfg.train.seed,
+        "seq_len": cfg.data.seq_len, "max_steps": cfg.train.max_steps,
+        "node_of_rank": pctx.node_of_rank})
 
 
 # moe.impl -> builder of the MLP ModuleSpec for MoE layers.
 MOE_IMPLS: dict[str, Callable] = {"locmoe": _locmoe_spec, "megatron": _megatron_moe_spec}
 
 
-def layer_spec(cfg: TrainConfig, moe: bool):
+def layer_spec(cfg: TrainConfig, pctx: ParallelContext, moe: bool):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -119,7 +121,7 @@ def layer_spec(cfg: TrainConfig, moe: bool):
     if moe:
         if cfg.moe.impl not in MOE_IMPLS:
             raise UserError(f"moe.impl={cfg.moe.impl!r} is not one of {sorted(MOE_IMPLS)}.")
-        mlp = MOE_IMPLS[cfg.moe.impl](cfg)
+        mlp = MOE_IMPLS[cfg.moe.impl](cfg, pctx)
     else:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
@@ -135,10 +137,10 @@ def layer_spec(cfg: TrainConfig, moe: bool):
         mlp=mlp, mlp_bda=get_bias_dropout_add))
 
 
-def block_spec(cfg: TrainConfig):
+def block_spec(cfg: TrainConfig, pctx: ParallelContext):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    layers = [layer_spec(cfg, is_moe_layer(i, cfg.model.moe_every))
+    layers = [layer_spec(cfg, pctx, is_moe_layer(i, cfg.model.moe_every))
               for i in range(cfg.model.num_layers)]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
@@ -151,7 +153,7 @@ def build_model(cfg: TrainConfig, pctx: ParallelContext, vocab_size: int,
     tconf = transformer_config(cfg, pctx, precision)
     model = GPTModel(
         config=tconf,
-        transformer_layer_spec=block_spec(cfg),
+        transformer_layer_spec=block_spec(cfg, pctx),
         vocab_size=padded_vocab_size(vocab_size, cfg.make_vocab_multiple),
         max_sequence_length=cfg.data.seq_len,
         position_embedding_type="rope",

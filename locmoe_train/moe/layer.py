@@ -23,7 +23,12 @@ from torch import nn
 from locmoe_train.config import MoEConfig
 from locmoe_train.moe.dispatcher import AllToAllDispatcher
 from locmoe_train.moe.experts import SwiGLUExperts
-from locmoe_train.moe.routers import ROUTERS
+from locmoe_train.moe.locmoe_plus import LocMoEPlusRouter
+from locmoe_train.moe.losses import locality_loss
+from locmoe_train.moe.routers import ROUTERS as _BASE_ROUTERS
+
+# moe.router -> router class (LocMoE+ lives in its own module, which builds on routers.py).
+ROUTERS = {**_BASE_ROUTERS, "locmoe_plus": LocMoEPlusRouter}
 
 # Token ids of the current micro-batch ([b, s]), for routers that hash them.
 _TOKEN_IDS: dict[str, torch.Tensor | None] = {"ids": None}
@@ -35,7 +40,10 @@ def set_token_ids(ids_bs: torch.Tensor | None) -> None:
 
 class LocMoELayer(nn.Module):
     def __init__(self, config, moe_cfg: MoEConfig, ffn_hidden_size: int, vocab_size: int = 1,
-                 seed: int = 0, submodules=None, layer_number: int | None = None, **kwargs):
+                 seed: int = 0, seq_len: int = 1, max_steps: int = 1,
+                 node_of_rank: list[int] | None = None, submodules=None,
+                 layer_number: int | None = None, **kwargs):
+        import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         super().__init__()
@@ -47,19 +55,32 @@ class LocMoELayer(nn.Module):
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         sp_group = ps.get_tensor_model_parallel_group() if self.sp else None
         router_cls = ROUTERS[moe_cfg.router]
-        kwargs = {"vocab_size": vocab_size, "seed": seed} if router_cls.needs_token_ids else {}
+        context = {"vocab_size": vocab_size, "seed": seed, "seq_len": seq_len,
+                   "max_steps": max_steps}
         self.router = router_cls(moe_cfg, config.hidden_size, self.sp, sp_group,
-                                 self.tp_size if self.sp else 1, **kwargs)
+                                 self.tp_size if self.sp else 1,
+                                 **{k: context[k] for k in router_cls.init_kwargs})
         self.dispatcher = AllToAllDispatcher(
             moe_cfg.num_experts, ps.get_expert_model_parallel_group() if ep_size > 1 else None,
             ep_size, moe_cfg.pad_to_capacity)
         self.experts = SwiGLUExperts(moe_cfg.num_experts // ep_size, config.hidden_size,
                                      ffn_hidden_size, moe_cfg.experts)
         E = moe_cfg.num_experts
+        # Which experts live on this rank's node: expert e is on EP rank e // (E / ep).
+        ep_ranks = (dist.get_process_group_ranks(ps.get_expert_model_parallel_group())
+                    if ep_size > 1 else [dist.get_rank() if dist.is_initialized() else 0])
+        nodes = node_of_rank or [0] * (max(ep_ranks) + 1)
+        expert_node = [nodes[ep_ranks[e // (E // ep_size)]] for e in range(E)]
+        me = nodes[dist.get_rank() if dist.is_initialized() else 0]
+        self.register_buffer("local_experts", torch.tensor([n == me for n in expert_node]),
+                             persistent=False)
+        # The locality loss only means something when the experts span nodes.
+        self.locality_active = moe_cfg.locality_loss_coeff > 0 and len(set(expert_node)) > 1
         self._aux_loss: torch.Tensor | None = None
         for name, shape in [("tokens_per_expert", (E,)), ("step_tokens_per_expert", (E,)),
                             ("tokens_seen", ()), ("requested_slots", ()), ("unrouted", ()),
-                            ("load_balancing_loss", ()), ("z_loss", ())]:
+                            ("same_node", ()), ("load_balancing_loss", ()), ("z_loss", ()),
+                            ("locality_loss", ())]:
             self.register_buffer(f"stat_{name}", torch.zeros(shape), persistent=False)
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -87,9 +108,14 @@ class LocMoELayer(nn.Module):
 
     def _record(self, routing) -> None:
         cfg = self.moe_cfg
-        weights = {"load_balancing_loss": cfg.aux_loss_coeff, "z_loss": cfg.z_loss_coeff}
+        weights = {"load_balancing_loss": cfg.aux_loss_coeff, "z_loss": cfg.z_loss_coeff,
+                   "locality_loss": cfg.locality_loss_coeff}
+        terms = dict(routing.aux)
+        if self.locality_active and routing.probs_TE is not None:
+            terms["locality_loss"] = locality_loss(routing.probs_TE, self.local_experts,
+                                                   cfg.locality_eps)
         aux = None
-        for name, value in routing.aux.items():
+        for name, value in terms.items():
             term = weights[name] * value
             aux = term if aux is None else aux + term
             getattr(self, f"stat_{name}").add_(value.detach())
@@ -102,6 +128,7 @@ class LocMoELayer(nn.Module):
             self.stat_tokens_seen += map_TE.shape[0]
             self.stat_requested_slots += routing.requested_slots
             self.stat_unrouted += (~map_TE.any(-1)).sum()
+            self.stat_same_node += (map_TE & self.local_experts).sum()
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         aux, self._aux_loss = self._aux_loss, None

@@ -39,3 +39,16 @@ def router_z_loss(logits_TE: torch.Tensor, group=None, group_size: int = 1) -> t
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` (unweighted)."""
     z_T = torch.logsumexp(logits_TE.float(), dim=-1)
     return z_T.pow(2).sum() / (logits_TE.shape[0] * group_size)
+
+
+def locality_loss(probs_TE: torch.Tensor, local_E: torch.Tensor, eps: float) -> torch.Tensor:
+    """LocMoE locality loss ``KL(D_c || D_l)`` for this rank's tokens (unweighted).
+
+    ``D_c``: mean router probability per expert over the rank's tokens.
+    ``D_l``: ``(1 - eps) / |L|`` on the experts hosted on this rank's node (``local_E``),
+    plus ``eps / E`` everywhere. Minimised by routing to experts on the same node.
+    """
+    num_experts = probs_TE.shape[1]
+    d_c = probs_TE.float().mean(0)
+    d_l = local_E.float() * (1.0 - eps) / local_E.sum().clamp_min(1) + eps / num_experts
+    return torch.sum(d_c * (torch.log(d_c.clamp_min(1e-12)) - torch.log(d_l)))

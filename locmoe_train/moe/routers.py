@@ -24,7 +24,9 @@ from locmoe_train.moe.routing import RoutingResult, drop_over_capacity, expert_c
 
 class Router(nn.Module):
     needs_token_ids = False
-    adapts_to_load = False  # True: step_end() must see every step's global counts
+    adapts_to_load = False  # True: step_end() must run after every step, with global counts
+    # Extra constructor arguments this router takes from the layer's context.
+    init_kwargs: tuple[str, ...] = ()
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, sequence_parallel: bool,
                  sp_group=None, sp_size: int = 1):
@@ -48,8 +50,9 @@ class Router(nn.Module):
             aux["z_loss"] = router_z_loss(logits_TE, self.sp_group, self.sp_size)
         return aux
 
-    def step_end(self, counts_E: torch.Tensor) -> None:
-        """Called after each optimizer step with that step's global tokens per expert."""
+    def step_end(self, counts_E: torch.Tensor, step: int | None = None, loss=None) -> None:
+        """After each optimizer step: that step's global tokens per expert, the step
+        number and this rank's training loss (a device scalar)."""
 
 
 def _topk_map(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +83,7 @@ class TopKRouter(Router):
             kept_TE = drop_over_capacity(selected_TE, probs_TE, capacity, self.cfg.drop_policy)
         return RoutingResult(kept_TE, gates_TE * kept_TE, logits_TE,
                              requested_slots=x_TD.shape[0] * self.top_k, capacity=capacity,
-                             aux=self._aux(logits_TE, probs_TE, selected_TE))
+                             aux=self._aux(logits_TE, probs_TE, selected_TE), probs_TE=probs_TE)
 
 
 class ExpertChoiceRouter(Router):
@@ -103,7 +106,7 @@ class ExpertChoiceRouter(Router):
             aux["z_loss"] = router_z_loss(logits_TE, self.sp_group, self.sp_size)
         return RoutingResult(map_TE, probs_TE * map_TE, logits_TE,
                              requested_slots=capacity * self.num_experts, capacity=capacity,
-                             aux=aux)
+                             aux=aux, probs_TE=probs_TE)
 
 
 class AuxFreeRouter(Router):
@@ -131,10 +134,10 @@ class AuxFreeRouter(Router):
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         return RoutingResult(selected_TE, gates_TE, logits_TE,
                              requested_slots=x_TD.shape[0] * self.top_k,
-                             aux=self._aux(logits_TE, probs_TE, selected_TE))
+                             aux=self._aux(logits_TE, probs_TE, selected_TE), probs_TE=probs_TE)
 
     @torch.no_grad()
-    def step_end(self, counts_E: torch.Tensor) -> None:
+    def step_end(self, counts_E: torch.Tensor, step=None, loss=None) -> None:
         error_E = counts_E.float().mean() - counts_E.float()
         self.expert_bias += self.cfg.bias_update_rate * torch.sign(error_E)
 
@@ -147,6 +150,7 @@ class HashRouter(Router):
     """
 
     needs_token_ids = True
+    init_kwargs = ("vocab_size", "seed")
 
     def __init__(self, cfg, hidden_size, sequence_parallel, sp_group=None, sp_size=1,
                  vocab_size: int = 1, seed: int = 0):

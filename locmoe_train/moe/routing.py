@@ -29,6 +29,8 @@ class RoutingResult:
     capacity: Optional[int] = None
     # Unweighted auxiliary terms (name -> scalar tensor with grad).
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Router probabilities over all experts (with grad), for the locality loss.
+    probs_TE: Optional[torch.Tensor] = None
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

@@ -4,15 +4,19 @@ Legend: L MoE layers, E experts.
 
 ``collect(n)`` returns, local to this rank and reset afterwards:
 ``tokens_per_expert`` [L, E] (after any capacity drop), ``tokens_seen``,
-``requested_slots``, ``unrouted`` (tokens with no expert) [L], and each
+``requested_slots``, ``unrouted`` (tokens with no expert) and ``same_node``
+(slots served by an expert on this rank's node; ours only) [L], and each
 auxiliary term (unweighted, mean over the step's micro-batches) [L]. The
 trainer sums counts over the world: every token is routed on exactly one
 rank (DP ranks and, with sequence parallelism, TP ranks see disjoint tokens).
 
 ``pop_aux_loss()`` gives the train step the weighted aux loss of the last
 forward, to add to the LM loss (megatron's layer injects its own into the
-backward instead). ``step_end()`` runs after each optimizer step: routers
-that adapt to the load (aux-loss-free bias) get the step's global counts.
+backward instead). ``step_end(step, loss)`` runs after each optimizer step:
+routers that adapt (aux-loss-free bias, LocMoE+ capacity) get the step's
+global counts, the step number and the training loss. ``gauges()`` and
+``pop_events()`` expose per-layer values that are identical on every rank
+(capacity, its target, q, C_min) and capacity changes, read at log time.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ def _layer_index(module_name: str) -> int:
     return int(module_name.split("layers.")[1].split(".")[0])
 
 
+COUNTS = ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted", "same_node")
+
+
 class LocMoEStats:
-    AUX = ("load_balancing_loss", "z_loss")
+    AUX = ("load_balancing_loss", "z_loss", "locality_loss")
 
     def __init__(self, model: torch.nn.Module):
         from locmoe_train.moe.layer import LocMoELayer
@@ -36,7 +43,10 @@ class LocMoEStats:
         self.layers = [_layer_index(n) for n, _ in named]
         self.modules = [m for _, m in named]
         cfg = self.modules[0].moe_cfg
-        self.aux_names = [n for n, c in zip(self.AUX, (cfg.aux_loss_coeff, cfg.z_loss_coeff)) if c > 0]
+        self.aux_names = [n for n, c in zip(self.AUX, (cfg.aux_loss_coeff, cfg.z_loss_coeff,
+                                                       cfg.locality_loss_coeff)) if c > 0]
+        if not any(m.locality_active for m in self.modules) and "locality_loss" in self.aux_names:
+            self.aux_names.remove("locality_loss")
         self.adaptive = any(m.router.adapts_to_load for m in self.modules)
 
     def pop_aux_loss(self):
@@ -48,26 +58,40 @@ class LocMoEStats:
         return total
 
     @torch.no_grad()
-    def step_end(self) -> None:
+    def step_end(self, step: int, loss: torch.Tensor) -> None:
         if not self.adaptive:
             for m in self.modules:
                 m.stat_step_tokens_per_expert.zero_()
             return
         counts_LE = all_reduce_counts(torch.stack([m.stat_step_tokens_per_expert for m in self.modules]))
         for m, counts_E in zip(self.modules, counts_LE):
-            m.router.step_end(counts_E)
+            m.router.step_end(counts_E, step, loss)
             m.stat_step_tokens_per_expert.zero_()
+
+    def gauges(self) -> dict[int, dict[str, float]]:
+        """Per-layer values that are already identical on every rank (capacity, ...)."""
+        return {layer: m.router.gauges() for layer, m in zip(self.layers, self.modules)
+                if hasattr(m.router, "gauges")}
+
+    def pop_events(self) -> list[dict]:
+        """Capacity changes since the last call, tagged with their layer."""
+        events = []
+        for layer, m in zip(self.layers, self.modules):
+            for e in getattr(m.router, "events", []):
+                events.append({"layer": layer, **e})
+            if hasattr(m.router, "events"):
+                m.router.events.clear()
+        return events
 
     @torch.no_grad()
     def collect(self, num_micro_batches: int) -> dict[str, torch.Tensor]:
         out = {}
-        for key in ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted"):
+        for key in COUNTS:
             out[key] = torch.stack([getattr(m, f"stat_{key}").clone() for m in self.modules])
         for key in self.aux_names:
             out[key] = torch.stack([getattr(m, f"stat_{key}") for m in self.modules]) / num_micro_batches
         for m in self.modules:
-            for key in ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted",
-                        *self.AUX):
+            for key in (*COUNTS, *self.AUX):
                 getattr(m, f"stat_{key}").zero_()
         return out
 
@@ -107,8 +131,14 @@ class MegatronMoEStats:
     def pop_aux_loss(self):
         return None
 
-    def step_end(self) -> None:
+    def step_end(self, step: int, loss: torch.Tensor) -> None:
         pass
+
+    def gauges(self) -> dict:
+        return {}
+
+    def pop_events(self) -> list:
+        return []
 
     def collect(self, num_micro_batches: int) -> dict[str, torch.Tensor]:
         from megatron.core.transformer.moe.moe_utils import (

@@ -1,0 +1,130 @@
+"""LocMoE+ affinity router (``moe.router: locmoe_plus``), METHOD.md sections 1-2.
+
+Legend: T tokens on this rank, D hidden, E experts, K (= l) experts per token,
+B = D / E channels per expert block, C capacity per sequence.
+
+* Affinity (GrAP gating): expert i owns the contiguous channel block B_i and its
+  fixed gate vector is ``E/D`` on B_i, so the cosine affinity is
+  ``delta[t,i] = sum(x_t[B_i]) / (sqrt(B) |x_t|)``. No learned router weights:
+  routing is learned by the hidden states (the balance and locality losses and
+  the gate values send gradient into earlier layers), so the gate value is
+  never detached.
+* Token choice (TCR): each token takes its top-K experts by affinity.
+* Expert choice (ECR): each expert keeps at most its C best candidates by
+  affinity (per rank: ``C_local = ceil(C * T / seq_len)``), or with
+  ``moe.locmoe.ranking: global`` the C best over the TP/sequence-parallel group.
+* Gate value: ``softmax(delta / tau)`` at the kept experts, not renormalised.
+* C comes from the ``CapacityController`` (moe/capacity.py), re-estimated
+  every ``moe.capacity.interval`` steps in ``step_end``.
+* Evaluation runs token choice only (ECR is non-causal) unless
+  ``moe.locmoe.eval_token_choice`` is false.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from locmoe_train.errors import UserError
+from locmoe_train.moe.capacity import CapacityController
+from locmoe_train.moe.losses import router_z_loss, switch_load_balancing_loss
+from locmoe_train.moe.routers import Router, _topk_map
+from locmoe_train.moe.routing import RoutingResult, drop_over_capacity
+
+
+def grap_affinity(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cosine of each token with each expert's fixed block gate vector, in fp32."""
+    T, D = x_TD.shape
+    block = D // num_experts
+    x = x_TD.float()
+    sums_TE = x.view(T, num_experts, block).sum(-1)
+    norm_T1 = x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return sums_TE / (math.sqrt(block) * norm_T1)
+
+
+class LocMoEPlusRouter(Router):
+    adapts_to_load = True
+    init_kwargs = ("seq_len", "max_steps")
+
+    def __init__(self, cfg, hidden_size, sequence_parallel, sp_group=None, sp_size=1,
+                 seq_len: int = 1, max_steps: int = 1):
+        nn.Module.__init__(self)
+        if hidden_size % cfg.num_experts:
+            raise UserError(
+                f"moe.router=locmoe_plus splits the hidden vector into one block per expert, so "
+                f"model.hidden_size={hidden_size} must be divisible by moe.num_experts="
+                f"{cfg.num_experts}.")
+        self.cfg, self.lcfg = cfg, cfg.locmoe
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.sp_group, self.sp_size = sp_group, sp_size
+        tau = torch.tensor(float(self.lcfg.tau))
+        if self.lcfg.learn_tau:
+            self.tau = nn.Parameter(tau)
+            setattr(self.tau, "sequence_parallel", sequence_parallel)
+        else:
+            self.register_buffer("tau", tau)
+        self.controller = CapacityController(cfg.capacity, seq_len, cfg.top_k, cfg.num_experts,
+                                             hidden_size, max_steps)
+        self.events: list[dict] = []
+
+    def _capacity_applies(self) -> bool:
+        if self.lcfg.mode == "tcr":
+            return False
+        return self.training or not self.lcfg.eval_token_choice
+
+    def forward(self, x_TD, token_ids_T=None) -> RoutingResult:
+        T = x_TD.shape[0]
+        delta_TE = grap_affinity(x_TD, self.num_experts)
+        logits_TE = delta_TE / self.tau
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        selected_TE, top_TK = _topk_map(delta_TE.detach(), self.top_k)
+        kept_TE, capacity, requested = selected_TE, None, T * self.top_k
+        if self._capacity_applies():
+            capacity = self.controller.local_capacity(T)
+            if self.lcfg.mode == "ecr":
+                candidates_TE = torch.ones_like(selected_TE)
+                requested = min(capacity, T) * self.num_experts  # an expert cannot take > T
+            else:
+                candidates_TE = selected_TE
+            kept_TE = self._expert_choice(candidates_TE, delta_TE, capacity)
+        if self.training:
+            self.controller.observe(delta_TE.detach(), top_TK[:, 0])
+        aux = {}
+        if self.cfg.aux_loss_coeff > 0:
+            aux["load_balancing_loss"] = switch_load_balancing_loss(
+                probs_TE, selected_TE, self.top_k, self.sp_group, self.sp_size)
+        if self.cfg.z_loss_coeff > 0:
+            aux["z_loss"] = router_z_loss(logits_TE, self.sp_group, self.sp_size)
+        return RoutingResult(kept_TE, probs_TE * kept_TE, delta_TE, requested_slots=requested,
+                             capacity=capacity, aux=aux, probs_TE=probs_TE)
+
+    def _expert_choice(self, candidates_TE, delta_TE, capacity: int) -> torch.Tensor:
+        """Keep each expert's best ``capacity`` candidates by affinity (this rank, or the SP group)."""
+        if self.lcfg.ranking == "local" or self.sp_size == 1:
+            return drop_over_capacity(candidates_TE, delta_TE, capacity, "probs")
+        # Global: each expert's C-th best candidate score over the group is the bar.
+        group_capacity = self.controller.local_capacity(delta_TE.shape[0] * self.sp_size)
+        masked = delta_TE.detach().masked_fill(~candidates_TE, float("-inf"))
+        k = min(group_capacity, masked.shape[0])
+        local_best = torch.topk(masked, k, dim=0).values
+        gathered = torch.empty(self.sp_size * k, masked.shape[1], device=masked.device)
+        dist.all_gather_into_tensor(gathered, local_best.contiguous(), group=self.sp_group)
+        if gathered.shape[0] <= group_capacity:
+            return candidates_TE
+        threshold_E = torch.topk(gathered, group_capacity, dim=0).values[-1]
+        return candidates_TE & (masked >= threshold_E)
+
+    def step_end(self, counts_E, step=None, loss=None) -> None:
+        if step is None:
+            return
+        if loss is not None:
+            self.controller.record_loss(step, loss)
+        event = self.controller.step_end(step)
+        if event is not None:
+            self.events.append(event)
+
+    def gauges(self) -> dict[str, float]:
+        return self.controller.gauges()

@@ -306,6 +306,22 @@ class TrainConfig:
         if moe.pad_to_capacity and (moe.capacity_factor is None or moe.router != "topk"):
             raise UserError("moe.pad_to_capacity=true needs moe.router=topk with a "
                             "moe.capacity_factor (dropless routing has no capacity to pad to).")
+        if moe.router == "locmoe_plus" and moe.capacity_factor is not None:
+            raise UserError(
+                f"moe.capacity_factor={moe.capacity_factor} does not apply to "
+                f"moe.router=locmoe_plus, whose capacity starts at moe.capacity.factor0 and is "
+                f"managed by moe.capacity.policy: remove moe.capacity_factor.")
+        c = moe.capacity
+        for key, value in [("interval", c.interval), ("multiple", c.multiple),
+                           ("rollback_window", c.rollback_window)]:
+            if value < 1:
+                raise UserError(f"moe.capacity.{key}={value} must be >= 1.")
+        if not 0 < c.min_fraction <= 1 or not 0 <= c.ema < 1 or c.factor0 <= 0:
+            raise UserError(
+                f"moe.capacity needs 0 < min_fraction <= 1, 0 <= ema < 1 and factor0 > 0 "
+                f"(got min_fraction={c.min_fraction}, ema={c.ema}, factor0={c.factor0}).")
+        if moe.locmoe.tau <= 0:
+            raise UserError(f"moe.locmoe.tau={moe.locmoe.tau} must be > 0.")
         if moe.router == "aux_free" and moe.bias_update_rate < 0:
             raise UserError(f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0.")
 

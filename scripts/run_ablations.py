@@ -14,6 +14,8 @@ table (Markdown on stdout, plus ``table.md`` and ``table.json`` in ``--out``):
   first config (the baseline); max/expert: the same for the busiest expert of
   each layer, which bounds an expert-parallel step;
 * dropped: mean fraction of requested token slots dropped;
+* unrouted: mean fraction of tokens that no expert processed (expert choice
+  leaves some tokens without an expert without "dropping" any slot);
 * same node: share of routed slots served on the token's own (simulated) node;
 * capacity: final C per sequence (LocMoE+ controller) where there is one;
 * step time: mean seconds per step after the first log interval.
@@ -30,8 +32,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_ORDER = ["baseline_top1_cf1.1", "locmoe_plus", "locmoe_plus_tcr_only",
-                 "locmoe_plus_ecr_only", "top2_dropless"]
+DEFAULT_ORDER = ["baseline_top1_cf1.1", "locmoe_plus", "locmoe_plus_linear_decay",
+                 "locmoe_plus_tcr_only", "locmoe_plus_ecr_only", "top2_dropless"]
 
 
 def _free_port() -> int:
@@ -67,7 +69,7 @@ def summarize(run_dir: str) -> dict:
         records = [json.loads(line) for line in f]
     train = [r for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    prev, slots, busiest, dropped, same, steps = 0, 0.0, 0.0, [], [], 0
+    prev, slots, busiest, dropped, unrouted, same, steps = 0, 0.0, 0.0, [], [], [], 0
     for r in train:
         n = r["step"] - prev
         prev = r["step"]
@@ -77,6 +79,7 @@ def summarize(run_dir: str) -> dict:
             slots += sum(tpe) / len(tpe) / len(r["moe"])
             busiest += max(tpe) / len(r["moe"])
             dropped.append(layer["dropped_fraction"])
+            unrouted.append(layer["unrouted_fraction"])
             if "same_node_share" in layer:
                 same.append(layer["same_node_share"])
     last_moe = train[-1]["moe"]
@@ -88,8 +91,9 @@ def summarize(run_dir: str) -> dict:
         "tokens_per_expert": slots / steps,
         "max_tokens_per_expert": busiest / steps,
         "dropped_fraction": sum(dropped) / len(dropped),
+        "unrouted_fraction": sum(unrouted) / len(unrouted),
         "same_node_share": sum(same) / len(same) if same else None,
-        "capacity": min(caps) if caps else None,
+        "capacity": int(min(caps)) if caps else None,
         "step_time_s": sum(r["step_time_s"] for r in later) / len(later),
         "steps": train[-1]["step"],
     }
@@ -101,14 +105,16 @@ def table(rows: dict[str, dict]) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = ["| run | train loss | val loss | tokens/expert | max/expert | dropped | same node "
-             "| capacity | step time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | train loss | val loss | tokens/expert | max/expert | dropped | unrouted "
+             "| same node | capacity | step time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['train_loss']:.4f} | {f(r['val_loss'], '.4f')} | "
             f"{r['tokens_per_expert'] / base['tokens_per_expert']:.3f} | "
             f"{r['max_tokens_per_expert'] / base['max_tokens_per_expert']:.3f} | "
-            f"{r['dropped_fraction']:.3f} | {f(r['same_node_share'], '.3f')} | "
+            f"{r['dropped_fraction']:.3f} | {r['unrouted_fraction']:.3f} | "
+            f"{f(r['same_node_share'], '.3f')} | "
             f"{f(r['capacity'], 'd')} | {r['step_time_s']:.3f} |")
     return "\n".join(lines)
 

@@ -123,8 +123,13 @@ class LocMoEPlusRouter(Router):
         if loss is not None:
             self.controller.record_loss(step, loss)
         event = self.controller.step_end(step)
-        if event is not None:
+        # Token choice alone applies no capacity: the controller still measures
+        # (q, target, C_min are diagnostics) but its C is not in effect.
+        if event is not None and self.lcfg.mode != "tcr":
             self.events.append(event)
 
     def gauges(self) -> dict[str, float]:
-        return self.controller.gauges()
+        gauges = self.controller.gauges()
+        if self.lcfg.mode == "tcr":
+            del gauges["capacity"]
+        return gauges

@@ -93,6 +93,12 @@ def test_dump_round_trip(tmp_path):
     ({"parallel": {"tp": 2, "etp": 2}},
      "moe.impl=locmoe keeps whole experts on each rank (expert tensor parallel 1), but "
      "parallel.etp=2"),
+    ({"moe": {"router": "locmoe_plus", "capacity_factor": 1.1}},
+     "moe.capacity_factor=1.1 does not apply to moe.router=locmoe_plus"),
+    ({"moe": {"capacity": {"interval": 0}}}, "moe.capacity.interval=0 must be >= 1."),
+    ({"moe": {"capacity": {"ema": 1.0}}}, "moe.capacity needs 0 < min_fraction <= 1"),
+    ({"moe": {"capacity": {"polcy": "fixed"}}},
+     "unknown config key 'moe.capacity.polcy'. Did you mean 'policy'?"),
     ({"moe": {"dispatcher": "allgather"}},
      "moe.dispatcher='allgather' is only available with moe.impl=megatron"),
 ])
@@ -111,6 +117,22 @@ def test_bad_override_forms():
         load_config(None, ["train.steps=3"])
     with pytest.raises(UserError, match="names a whole section"):
         load_config(None, ["train=3"])
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(
+        {"model": {"hidden_size": 64, "num_layers": 2}, "train": {"max_steps": 9}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": "parent.yaml", "model": {"num_layers": 3}}))
+    cfg = load_config(str(child), [])
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.train.max_steps) == (64, 3, 9)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="includes itself"):
+        load_config(str(loop), [])
+    ablation = load_config(os.path.join(REPO, "configs/ablations/locmoe_plus_tcr_only.yaml"), [])
+    assert ablation.moe.router == "locmoe_plus" and ablation.moe.locmoe.mode == "tcr"
+    assert ablation.parallel.ranks_per_node == 1 and ablation.moe.top_k == 1
 
 
 def test_missing_and_invalid_file(tmp_path):

@@ -38,6 +38,13 @@ SCENARIOS = {
     "ep_empty_rank": (["parallel.ep={world}"], "ep", []),
     "ep_expert_choice": (["parallel.ep={world}"], "ep", ["moe.router=expert_choice"]),
     "tp": (["parallel.tp={world}"], "tp", []),
+    # LocMoE+ with expert choice ranked over the sequence-parallel group equals
+    # ranking the whole sequence on one rank (capacity binds: factor0 0.5).
+    "tp_locmoe_global": (["parallel.tp={world}"], "tp",
+                         ["moe.router=locmoe_plus", "moe.locmoe.ranking=global",
+                          "moe.capacity.factor0=0.5"]),
+    "ep_locmoe": (["parallel.ep={world}"], "ep",
+                  ["moe.router=locmoe_plus", "moe.capacity.factor0=0.5"]),
 }
 
 
@@ -50,7 +57,11 @@ def run(scenario: str, out_dir: str, world: int) -> None:
         overrides += [o.format(world=world) for o in layout]
     cfg = load_config(None, overrides)
     pctx = init_parallel(cfg.parallel, E, "cpu", 1)
-    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=F)
+    # LocMoE+ capacity is per sequence: an EP shard holds B sequences of S tokens,
+    # a TP shard a 1/world slice of B sequences of S*world tokens.
+    seq_len = S * _shards() if kind == "tp" else S
+    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe,
+                        ffn_hidden_size=F, seq_len=seq_len)
     init_parameters(layer, cfg, pctx)
     layer.train()
 
@@ -85,7 +96,9 @@ def run(scenario: str, out_dir: str, world: int) -> None:
         for i, o, g in zip(call, out.detach().chunk(len(call)), x.grad.chunk(len(call))):
             outs[i], dxs[i] = o, g
 
-    router_grad = layer.router.weight.grad.clone()
+    # LocMoE+ has no router weights (fixed gate vectors): compare an empty tensor.
+    weight = getattr(layer.router, "weight", None)
+    router_grad = weight.grad.clone() if weight is not None else torch.zeros(0)
     w13_grad, w2_grad = layer.experts.w13.grad.clone(), layer.experts.w2.grad.clone()
     if world > 1:
         dist.all_reduce(router_grad)

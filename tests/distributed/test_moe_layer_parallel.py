@@ -16,7 +16,7 @@ from helpers import REPO, run_script
 
 WORKER = os.path.join(os.path.dirname(__file__), "moe_layer_worker.py")
 TWO_RANK = ["ep", "ep_capacity", "ep_padded", "ep_empty_expert", "ep_empty_rank",
-            "ep_expert_choice", "tp"]
+            "ep_expert_choice", "tp", "tp_locmoe_global", "ep_locmoe"]
 FOUR_RANK = ["ep", "ep_capacity", "ep_empty_rank"]
 
 
@@ -60,5 +60,5 @@ def test_parallel_layer_matches_single_rank(results, world, name):
         assert par["w13"][-1].abs().sum() == 0  # no token, no gradient
     if name == "ep_empty_rank":
         assert (counts[2:] == 0).all()  # the last EP rank(s) own experts nobody chose
-    if name in ("ep_capacity", "ep_padded"):
+    if name in ("ep_capacity", "ep_padded", "tp_locmoe_global", "ep_locmoe"):
         assert counts.sum() < 2 * sum(o.shape[0] * o.shape[1] for o in ref["out"])  # drops happened

@@ -108,7 +108,9 @@ class MoEConfig:
     drop_policy: Literal["probs", "position"] = "probs"
     # Give every expert exactly its capacity (static shapes, no host sync).
     pad_to_capacity: bool = False
-    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # alltoall: flat EP all-to-all; hierarchical: locality-aware, one message per
+    # node pair across nodes (ours only); allgather: megatron only.
+    dispatcher: Literal["alltoall", "hierarchical", "allgather"] = "alltoall"
     # Expert FFN implementation: grouped GEMM, per-expert loop, or auto
     # (grouped on CUDA, loop on CPU).
     experts: Literal["auto", "grouped", "loop"] = "auto"
@@ -120,6 +122,9 @@ class MoEConfig:
     # the EP group live on more than one node (real or parallel.ranks_per_node).
     locality_loss_coeff: float = 0.0
     locality_eps: float = 0.1
+    # Node-limited routing: each token may use experts on at most this many
+    # nodes, nodes ranked by their best expert score (DeepSeek-V3); null = no limit.
+    max_nodes_per_token: Optional[int] = None
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     locmoe: LocMoEPlusConfig = field(default_factory=LocMoEPlusConfig)
 
@@ -288,13 +293,15 @@ class TrainConfig:
     def _validate_moe_impl(self) -> None:
         moe, p = self.moe, self.parallel
         if moe.impl == "megatron":
+            if moe.dispatcher == "hierarchical":
+                raise UserError("moe.dispatcher=hierarchical needs moe.impl=locmoe.")
             if moe.router != "topk":
                 raise UserError(f"moe.router={moe.router!r} needs moe.impl=locmoe; megatron-core's "
                                 f"MoELayer is compared with the topk router only.")
             return
-        if moe.dispatcher != "alltoall":
+        if moe.dispatcher == "allgather":
             raise UserError(f"moe.dispatcher={moe.dispatcher!r} is only available with "
-                            f"moe.impl=megatron; moe.impl=locmoe uses alltoall.")
+                            f"moe.impl=megatron; moe.impl=locmoe uses alltoall or hierarchical.")
         if p.etp != 1:
             raise UserError(
                 f"moe.impl=locmoe keeps whole experts on each rank (expert tensor parallel 1), "
@@ -322,6 +329,9 @@ class TrainConfig:
                 f"(got min_fraction={c.min_fraction}, ema={c.ema}, factor0={c.factor0}).")
         if moe.locmoe.tau <= 0:
             raise UserError(f"moe.locmoe.tau={moe.locmoe.tau} must be > 0.")
+        if moe.max_nodes_per_token is not None and moe.max_nodes_per_token < 1:
+            raise UserError(f"moe.max_nodes_per_token={moe.max_nodes_per_token} must be >= 1 "
+                            f"(or null for no limit).")
         if moe.router == "aux_free" and moe.bias_update_rate < 0:
             raise UserError(f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0.")
 

@@ -23,7 +23,8 @@ from locmoe_train.config import TrainConfig
 from locmoe_train.parallel.state import ParallelContext
 
 
-COUNT_KEYS = ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted", "same_node")
+COUNT_KEYS = ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted", "same_node",
+              "bytes_intra_node", "bytes_cross_node", "messages_cross_node")
 
 
 class StopRequested:
@@ -149,6 +150,9 @@ class Trainer:
                                            .clamp_min(1e-9)).item()}
             if "same_node" in counts:
                 entry["same_node_share"] = (counts["same_node"][i] / tpe.sum().clamp_min(1e-9)).item()
+            for key in ("bytes_intra_node", "bytes_cross_node", "messages_cross_node"):
+                if key in counts:  # per step, summed over all ranks
+                    entry[key] = counts[key][i].item() / n_steps
             if aux is not None:
                 for j, name in enumerate(aux_names):
                     entry[name.removeprefix("moe/")] = aux[j][i].item()
@@ -157,6 +161,9 @@ class Trainer:
             imbalances.append(entry["max_over_mean"])
             out["moe"][f"layer_{layer}"] = entry
         out["moe_imbalance"] = max(imbalances)
+        if "bytes_cross_node" in counts:
+            out["bytes_cross_node"] = counts["bytes_cross_node"].sum().item() / n_steps
+            out["bytes_intra_node"] = counts["bytes_intra_node"].sum().item() / n_steps
         capacities = [g["capacity"] for g in gauges.values() if "capacity" in g]
         if capacities:
             out["moe_capacity"] = int(min(capacities))

@@ -99,7 +99,7 @@ def _locmoe_spec(cfg: TrainConfig, pctx: ParallelContext):
         "moe_cfg": cfg.moe, "ffn_hidden_size": cfg.moe_ffn_hidden_size,
         "vocab_size": cfg.model.vocab_size or 1, "seed": cfg.train.seed,
         "seq_len": cfg.data.seq_len, "max_steps": cfg.train.max_steps,
-        "node_of_rank": pctx.node_of_rank})
+        "node_of_rank": pctx.node_of_rank, "ep_topology": pctx.ep_topology})
 
 
 # moe.impl -> builder of the MLP ModuleSpec for MoE layers.

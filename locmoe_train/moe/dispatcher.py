@@ -52,11 +52,33 @@ def _all_to_all(group, x: torch.Tensor, out_splits: list[int], in_splits: list[i
 
 class AllToAllDispatcher:
     def __init__(self, num_experts: int, ep_group=None, ep_size: int = 1,
-                 pad_to_capacity: bool = False):
+                 pad_to_capacity: bool = False, node_of_ep: list[int] | None = None,
+                 my_ep_rank: int = 0):
         self.num_experts = num_experts
         self.ep_group, self.ep_size = ep_group, ep_size
         self.num_local = num_experts // ep_size
         self.pad = pad_to_capacity
+        self.node_of_ep = node_of_ep or [0] * ep_size
+        self.me = my_ep_rank
+        self.traffic = {"bytes_intra_node": 0, "bytes_cross_node": 0, "messages_cross_node": 0}
+
+    def _count(self, splits: list[int], members: list[int], row_bytes: int) -> None:
+        """Account one send: ``splits[j]`` rows to the EP rank ``members[j]``."""
+        mine = self.node_of_ep[self.me]
+        for rows, peer in zip(splits, members):
+            if rows == 0 or peer == self.me:
+                continue
+            if self.node_of_ep[peer] == mine:
+                self.traffic["bytes_intra_node"] += rows * row_bytes
+            else:
+                self.traffic["bytes_cross_node"] += rows * row_bytes
+                self.traffic["messages_cross_node"] += 1
+
+    def pop_traffic(self) -> dict[str, int]:
+        out = dict(self.traffic)
+        for k in self.traffic:
+            self.traffic[k] = 0
+        return out
 
     # ---- local permutation ----------------------------------------------------
     def _permute(self, routing: RoutingResult):
@@ -97,6 +119,7 @@ class AllToAllDispatcher:
         meta.in_splits = send_PL.sum(1).tolist()
         meta.out_splits = recv_PL.sum(1).tolist()
         x_ND = _all_to_all(self.ep_group, x_SD, meta.out_splits, meta.in_splits)
+        self._count(meta.in_splits, list(range(P)), x_SD.shape[1] * x_SD.element_size())
         # Received rows are ordered (source rank, local expert); experts want
         # them grouped by local expert: chunk (p, l) moves to position (l, p).
         lens = recv_PL.reshape(-1)
@@ -112,10 +135,17 @@ class AllToAllDispatcher:
         if self.ep_size > 1:
             y_recv = torch.empty_like(y_ND).index_copy(0, meta.regroup_N, y_ND)
             y_SD = _all_to_all(self.ep_group, y_recv, meta.in_splits, meta.out_splits)
+            self._count(meta.out_splits, list(range(self.ep_size)),
+                        y_ND.shape[1] * y_ND.element_size())
         else:
             y_SD = y_ND
+        return self._weighted_sum(y_SD, meta)
+
+    @staticmethod
+    def _weighted_sum(y_SD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """``y_TD[t] = sum over t's slots of gate * expert output``, accumulated in fp32."""
         weighted = y_SD.float() * meta.gate_S[:, None]
         out = torch.zeros(meta.num_tokens + 1, y_SD.shape[1], dtype=torch.float32,
                           device=y_SD.device)
         out.index_add_(0, meta.token_idx_S, weighted)
-        return out[:meta.num_tokens].to(y_ND.dtype)
+        return out[:meta.num_tokens].to(y_SD.dtype)

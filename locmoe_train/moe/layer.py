@@ -23,6 +23,7 @@ from torch import nn
 from locmoe_train.config import MoEConfig
 from locmoe_train.moe.dispatcher import AllToAllDispatcher
 from locmoe_train.moe.experts import SwiGLUExperts
+from locmoe_train.moe.hierarchical import HierarchicalDispatcher
 from locmoe_train.moe.locmoe_plus import LocMoEPlusRouter
 from locmoe_train.moe.losses import locality_loss
 from locmoe_train.moe.routers import ROUTERS as _BASE_ROUTERS
@@ -41,7 +42,7 @@ def set_token_ids(ids_bs: torch.Tensor | None) -> None:
 class LocMoELayer(nn.Module):
     def __init__(self, config, moe_cfg: MoEConfig, ffn_hidden_size: int, vocab_size: int = 1,
                  seed: int = 0, seq_len: int = 1, max_steps: int = 1,
-                 node_of_rank: list[int] | None = None, submodules=None,
+                 node_of_rank: list[int] | None = None, ep_topology=None, submodules=None,
                  layer_number: int | None = None, **kwargs):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
@@ -60,9 +61,8 @@ class LocMoELayer(nn.Module):
         self.router = router_cls(moe_cfg, config.hidden_size, self.sp, sp_group,
                                  self.tp_size if self.sp else 1,
                                  **{k: context[k] for k in router_cls.init_kwargs})
-        self.dispatcher = AllToAllDispatcher(
-            moe_cfg.num_experts, ps.get_expert_model_parallel_group() if ep_size > 1 else None,
-            ep_size, moe_cfg.pad_to_capacity)
+        ep_group = ps.get_expert_model_parallel_group() if ep_size > 1 else None
+        ep_rank = ps.get_expert_model_parallel_rank()
         self.experts = SwiGLUExperts(moe_cfg.num_experts // ep_size, config.hidden_size,
                                      ffn_hidden_size, moe_cfg.experts)
         E = moe_cfg.num_experts
@@ -72,8 +72,16 @@ class LocMoELayer(nn.Module):
         nodes = node_of_rank or [0] * (max(ep_ranks) + 1)
         expert_node = [nodes[ep_ranks[e // (E // ep_size)]] for e in range(E)]
         me = nodes[dist.get_rank() if dist.is_initialized() else 0]
+        if moe_cfg.dispatcher == "hierarchical" and ep_topology is not None:
+            self.dispatcher = HierarchicalDispatcher(E, ep_topology, ep_rank,
+                                                     moe_cfg.pad_to_capacity, ep_group)
+        else:
+            self.dispatcher = AllToAllDispatcher(
+                E, ep_group, ep_size, moe_cfg.pad_to_capacity,
+                [nodes[r] for r in ep_ranks], ep_rank)
         self.register_buffer("local_experts", torch.tensor([n == me for n in expert_node]),
                              persistent=False)
+        self.router.expert_node_E = torch.tensor(expert_node, dtype=torch.int64)
         # The locality loss only means something when the experts span nodes.
         self.locality_active = moe_cfg.locality_loss_coeff > 0 and len(set(expert_node)) > 1
         self._aux_loss: torch.Tensor | None = None

@@ -5,7 +5,9 @@ Legend: L MoE layers, E experts.
 ``collect(n)`` returns, local to this rank and reset afterwards:
 ``tokens_per_expert`` [L, E] (after any capacity drop), ``tokens_seen``,
 ``requested_slots``, ``unrouted`` (tokens with no expert) and ``same_node``
-(slots served by an expert on this rank's node; ours only) [L], and each
+(slots served by an expert on this rank's node; ours only) [L], the bytes
+this rank sent to other ranks of its node and of other nodes, and its
+cross-node messages, dispatch and combine together (ours only) [L], and each
 auxiliary term (unweighted, mean over the step's micro-batches) [L]. The
 trainer sums counts over the world: every token is routed on exactly one
 rank (DP ranks and, with sequence parallelism, TP ranks see disjoint tokens).
@@ -31,6 +33,7 @@ def _layer_index(module_name: str) -> int:
 
 
 COUNTS = ("tokens_per_expert", "tokens_seen", "requested_slots", "unrouted", "same_node")
+TRAFFIC = ("bytes_intra_node", "bytes_cross_node", "messages_cross_node")
 
 
 class LocMoEStats:
@@ -88,6 +91,10 @@ class LocMoEStats:
         out = {}
         for key in COUNTS:
             out[key] = torch.stack([getattr(m, f"stat_{key}").clone() for m in self.modules])
+        traffic = [m.dispatcher.pop_traffic() for m in self.modules]
+        device = self.modules[0].stat_tokens_seen.device
+        for key in TRAFFIC:  # host-side counts from the split sizes: no sync
+            out[key] = torch.tensor([float(t[key]) for t in traffic], device=device)
         for key in self.aux_names:
             out[key] = torch.stack([getattr(m, f"stat_{key}") for m in self.modules]) / num_micro_batches
         for m in self.modules:

@@ -49,6 +49,7 @@ class ParallelContext:
     dp_group: object = None
     ep_group: object = None
     edp_group: object = None
+    ep_topology: "EPTopology | None" = None
 
     @property
     def node(self) -> int:
@@ -64,6 +65,62 @@ class ParallelContext:
             nodes += " (simulated)"
         return (f"world={self.world_size} tp={self.tp} ep={self.ep} etp={self.etp} "
                 f"dp={self.dp} edp={self.edp}; {nodes}; device={self.device}")
+
+
+@dataclass
+class EPTopology:
+    """Where the ranks of this rank's expert-parallel group live, and the groups
+    the locality-aware dispatcher exchanges over (``None`` when not hierarchical)."""
+    ep_ranks: list[int]  # global rank of each EP index
+    node_of_ep: list[int]  # node of each EP index
+    nodes: list[int]  # distinct nodes of the group, sorted
+    local_index: list[int]  # index of each EP rank among the group's ranks on its node
+    ranks_per_node: int  # EP ranks per node (0 when nodes hold different numbers)
+    intra_group: object = None  # this rank's node's EP ranks
+    peer_group: object = None  # EP ranks with this rank's local index, one per node
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.nodes)
+
+
+def _partition(ep_ranks: list[int], node_of_rank: list[int]):
+    node_of_ep = [node_of_rank[r] for r in ep_ranks]
+    nodes = sorted(set(node_of_ep))
+    members = {n: [i for i, m in enumerate(node_of_ep) if m == n] for n in nodes}
+    local_index = [members[n].index(i) for i, n in enumerate(node_of_ep)]
+    sizes = {len(v) for v in members.values()}
+    return node_of_ep, nodes, members, local_index, (sizes.pop() if len(sizes) == 1 else 0)
+
+
+def build_ep_topology(pctx: "ParallelContext") -> EPTopology:
+    """This rank's EP group over the nodes, plus intra-node and peer groups for every
+    EP group (``new_group`` is collective: every rank creates every group, in order)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_expert_model_parallel_group()
+    ep_ranks = dist.get_process_group_ranks(group) if pctx.ep > 1 else [pctx.rank]
+    node_of_ep, nodes, _, local_index, per_node = _partition(ep_ranks, pctx.node_of_rank)
+    topo = EPTopology(ep_ranks, node_of_ep, nodes, local_index, per_node)
+    if pctx.ep == 1 or pctx.world_size == 1:
+        return topo
+    mine = torch.tensor(ep_ranks, dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(pctx.world_size)]
+    dist.all_gather(everyone, mine)
+    for ranks in sorted({tuple(t.tolist()) for t in everyone}):
+        _, g_nodes, members, _, g_per_node = _partition(list(ranks), pctx.node_of_rank)
+        if len(g_nodes) < 2 or not g_per_node:
+            continue  # flat is the only sensible exchange for this group
+        for n in g_nodes:
+            g = dist.new_group([ranks[i] for i in members[n]])
+            if pctx.rank in [ranks[i] for i in members[n]]:
+                topo.intra_group = g
+        for j in range(g_per_node):
+            peers = [ranks[members[n][j]] for n in g_nodes]
+            g = dist.new_group(peers)
+            if pctx.rank in peers:
+                topo.peer_group = g
+    return topo
 
 
 def check_layout(cfg: ParallelConfig, world_size: int, num_experts: int) -> tuple[int, int, int]:
@@ -151,7 +208,7 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
                             f"{world_size}: every node must run the same number of ranks.")
 
     ps = parallel_state
-    return ParallelContext(
+    pctx = ParallelContext(
         rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
         tp=cfg.tp, ep=cfg.ep, etp=etp, dp=dp, edp=edp,
         tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -167,6 +224,8 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
         ep_group=ps.get_expert_model_parallel_group(),
         edp_group=ps.get_expert_data_parallel_group(),
     )
+    pctx.ep_topology = build_ep_topology(pctx)
+    return pctx
 
 
 def destroy_parallel() -> None:

@@ -82,6 +82,8 @@ class LocMoELayer(nn.Module):
         self.register_buffer("local_experts", torch.tensor([n == me for n in expert_node]),
                              persistent=False)
         self.router.expert_node_E = torch.tensor(expert_node, dtype=torch.int64)
+        if moe_cfg.max_nodes_per_token is not None:
+            self.router._node_layout(torch.device("cpu"))  # UserError now, not at step 1
         # The locality loss only means something when the experts span nodes.
         self.locality_active = moe_cfg.locality_loss_coeff > 0 and len(set(expert_node)) > 1
         self._aux_loss: torch.Tensor | None = None

@@ -18,6 +18,10 @@ B = D / E channels per expert block, C capacity per sequence.
   every ``moe.capacity.interval`` steps in ``step_end``.
 * Evaluation runs token choice only (ECR is non-causal) unless
   ``moe.locmoe.eval_token_choice`` is false.
+* Node limit (``moe.max_nodes_per_token = M``): nodes are ranked per token by
+  their best affinity; TCR takes the top-K among the experts on the token's
+  top-M nodes, and in ``ecr`` mode expert e's candidates are only the tokens
+  that allow e. ECR after TCR is unchanged (its candidates are already allowed).
 """
 
 from __future__ import annotations
@@ -80,13 +84,17 @@ class LocMoEPlusRouter(Router):
         delta_TE = grap_affinity(x_TD, self.num_experts)
         logits_TE = delta_TE / self.tau
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        selected_TE, top_TK = _topk_map(delta_TE.detach(), self.top_k)
+        allowed_TE = self._node_mask(delta_TE)
+        selected_TE, top_TK = _topk_map(delta_TE.detach(), self.top_k, allowed_TE)
         kept_TE, capacity, requested = selected_TE, None, T * self.top_k
         if self._capacity_applies():
             capacity = self.controller.local_capacity(T)
             if self.lcfg.mode == "ecr":
-                candidates_TE = torch.ones_like(selected_TE)
-                requested = min(capacity, T) * self.num_experts  # an expert cannot take > T
+                candidates_TE = (torch.ones_like(selected_TE) if allowed_TE is None
+                                 else allowed_TE)
+                # An expert cannot take > T. Under a node limit it may also have fewer than
+                # C allowed tokens; those slots count as unfilled (no host sync to count them).
+                requested = min(capacity, T) * self.num_experts
             else:
                 candidates_TE = selected_TE
             kept_TE = self._expert_choice(candidates_TE, delta_TE, capacity)

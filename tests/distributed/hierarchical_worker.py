@@ -34,6 +34,8 @@ SCENARIOS = {
     "empty_node": [],
     # Only expert 0 is ever chosen by rank 3's tokens... and every rank's top-2 is {0, 1}.
     "one_rank_busy": [],
+    # DeepSeek-V3 node limit: each token's 2 experts on a single node.
+    "node_limited": ["moe.max_nodes_per_token=1"],
 }
 
 
@@ -96,6 +98,9 @@ def run(name, out_dir):
                 hand["bytes_cross_node"] += rows * D * 4
                 hand["messages_cross_node"] += 1
     results["hand"] = hand
+    expert_node = torch.tensor(node)[torch.arange(E) // (E // 4)]
+    nodes_used = [len(set(expert_node[row].tolist())) for row in routing.routing_map_TE]
+    results["max_nodes_used"] = max(nodes_used)
     torch.save(results, os.path.join(out_dir, f"{name}_rank{pctx.rank}.pt"))
     from megatron.core import parallel_state
 

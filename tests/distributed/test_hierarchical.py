@@ -9,7 +9,7 @@ import torch
 from helpers import run_script
 
 WORKER = os.path.join(os.path.dirname(__file__), "hierarchical_worker.py")
-SCENARIOS = ["dropless", "capacity_padded", "empty_node", "one_rank_busy"]
+SCENARIOS = ["dropless", "capacity_padded", "empty_node", "one_rank_busy", "node_limited"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,10 @@ def test_hierarchical_equals_flat(out_dir, name):
             assert torch.equal(flat[key], hier[key]), (name, rank, key)  # bit for bit
         # The flat path's accounting equals the hand count from the routing map.
         assert flat["traffic"] == res["hand"], (rank, flat["traffic"], res["hand"])
+        if name == "node_limited":
+            assert res["max_nodes_used"] == 1  # never over the node budget
+        elif name == "dropless":
+            assert res["max_nodes_used"] == 2  # without a limit tokens do span nodes
         for kind in totals:
             totals[kind] += res[kind]["traffic"]["bytes_cross_node"]
             messages[kind] += res[kind]["traffic"]["messages_cross_node"]

@@ -73,7 +73,7 @@ def test_dump_round_trip(tmp_path):
     ({"model": {"tie_embeddings": 1}},
      "model.tie_embeddings=1 has the wrong type: expected bool, got int."),
     ({"moe": {"dispatcher": "nccl"}},
-     "moe.dispatcher='nccl' is not one of 'alltoall', 'allgather'."),
+     "moe.dispatcher='nccl' is not one of 'alltoall', 'hierarchical', 'allgather'."),
     ({"moe": {"num_experts": 6}, "parallel": {"ep": 4}},
      "moe.num_experts=6 is not divisible by parallel.ep=4"),
     ({"model": {"hidden_size": 100, "num_attention_heads": 3}},

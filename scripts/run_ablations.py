@@ -17,6 +17,8 @@ table (Markdown on stdout, plus ``table.md`` and ``table.json`` in ``--out``):
 * unrouted: mean fraction of tokens that no expert processed (expert choice
   leaves some tokens without an expert without "dropping" any slot);
 * same node: share of routed slots served on the token's own (simulated) node;
+* cross-node MB/step: bytes the MoE layers moved between nodes per step (all
+  layers and ranks, dispatch and combine);
 * capacity: final C per sequence (LocMoE+ controller) where there is one;
 * step time: mean seconds per step after the first log interval.
 """
@@ -94,6 +96,9 @@ def summarize(run_dir: str) -> dict:
         "unrouted_fraction": sum(unrouted) / len(unrouted),
         "same_node_share": sum(same) / len(same) if same else None,
         "capacity": int(min(caps)) if caps else None,
+        "cross_node_MB_per_step": (sum(r.get("bytes_cross_node", 0.0) * (r["step"] - p)
+                                       for r, p in zip(train, [0] + [x["step"] for x in train]))
+                                   / train[-1]["step"] / 1e6),
         "step_time_s": sum(r["step_time_s"] for r in later) / len(later),
         "steps": train[-1]["step"],
     }
@@ -106,15 +111,15 @@ def table(rows: dict[str, dict]) -> str:
         return "-" if x is None else format(x, fmt)
 
     lines = ["| run | train loss | val loss | tokens/expert | max/expert | dropped | unrouted "
-             "| same node | capacity | step time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| same node | cross-node MB/step | capacity | step time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['train_loss']:.4f} | {f(r['val_loss'], '.4f')} | "
             f"{r['tokens_per_expert'] / base['tokens_per_expert']:.3f} | "
             f"{r['max_tokens_per_expert'] / base['max_tokens_per_expert']:.3f} | "
             f"{r['dropped_fraction']:.3f} | {r['unrouted_fraction']:.3f} | "
-            f"{f(r['same_node_share'], '.3f')} | "
+            f"{f(r['same_node_share'], '.3f')} | {r['cross_node_MB_per_step']:.2f} | "
             f"{f(r['capacity'], 'd')} | {r['step_time_s']:.3f} |")
     return "\n".join(lines)
 

@@ -179,16 +179,21 @@ class TrainingConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # auto = cuda if available, else cpu.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Stop cleanly (saving a checkpoint when enabled) after this global step,
+    # keeping max_steps' schedule: for splitting a run into jobs.
+    exit_at_step: Optional[int] = None
 
 
 @dataclass
 class CheckpointConfig:
     # Where checkpoints go; null = <logging.run_dir>/checkpoints.
     dir: Optional[str] = None
-    # Save every N steps; 0 = never.
+    # Save every N steps (0: no periodic saves). With a checkpoint.dir or
+    # interval set, a save also happens when the run ends or is stopped.
     interval: int = 0
+    # How many complete checkpoints to keep (oldest deleted first).
     keep: int = 2
-    # null = start fresh; "auto" = latest in dir; or a checkpoint path.
+    # null = start fresh; "auto" = latest valid one in dir (fresh if none); or a path.
     resume: Optional[str] = None
 
 
@@ -284,10 +289,11 @@ class TrainConfig:
             v = _get(self, key)
             if not 0.0 <= v < 1.0:
                 raise UserError(f"{key}={v} must lie in [0, 1).")
-        if self.checkpoint.interval or self.checkpoint.resume:
-            raise UserError(
-                "checkpoint.interval / checkpoint.resume are not supported yet (checkpointing "
-                "is tracked in issue 6): set checkpoint.interval=0 and checkpoint.resume=null.")
+        if self.checkpoint.interval < 0:
+            raise UserError(f"checkpoint.interval={self.checkpoint.interval} must be >= 0 "
+                            f"(0: save only when the run ends or is stopped).")
+        if t.exit_at_step is not None and t.exit_at_step < 1:
+            raise UserError(f"train.exit_at_step={t.exit_at_step} must be >= 1 or null.")
         return self
 
     def _validate_moe_impl(self) -> None:

@@ -24,7 +24,7 @@ import warnings
 
 from locmoe_train.errors import UserError
 
-EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
+EXIT_CODES = {"completed": 0, "exit_at_step": 0, "SIGINT": 130, "SIGTERM": 143}
 
 
 def _quiet_megatron() -> None:
@@ -83,6 +83,7 @@ def check(cfg, world_size: int, meta: dict) -> None:
 def run(cfg) -> str:
     import torch
 
+    from locmoe_train.checkpoint import Checkpointer
     from locmoe_train.config import dump_config
     from locmoe_train.data.dataset import StepLoader, TokenWindows, eval_micro_batches
     from locmoe_train.data.prepare import load_meta
@@ -119,6 +120,13 @@ def run(cfg) -> str:
         stats = build_moe_stats(model, cfg, pctx.device)
         step_fn = TrainStep(model, optimizer, cfg, pctx, dtype, moe_stats=stats)
         counts = count_parameters(model, cfg, pctx)
+        c = cfg.checkpoint
+        ckpt = Checkpointer(cfg, pctx) if (c.interval or c.dir or c.resume) else None
+        start_step, resume_from = 0, ckpt.resolve_resume() if ckpt else None
+        if resume_from is not None:
+            start_step = ckpt.load(resume_from, model, optimizer, loader, stats)
+            if pctx.is_main:
+                print(f"resumed from {resume_from} at step {start_step}", flush=True)
 
         if pctx.is_main:
             os.makedirs(cfg.logging.run_dir, exist_ok=True)
@@ -127,11 +135,13 @@ def run(cfg) -> str:
             if cfg.logging.console:
                 sinks.append(ConsoleSink(cfg.train.max_steps))
             if cfg.logging.jsonl:
-                sinks.append(JsonlSink(os.path.join(cfg.logging.run_dir, "metrics.jsonl")))
+                sinks.append(JsonlSink(os.path.join(cfg.logging.run_dir, "metrics.jsonl"),
+                                       append=resume_from is not None))
             sink = MultiSink(sinks)
             print(startup_summary(cfg, pctx, counts, meta, prec, len(train_ds)), flush=True)
 
-        trainer = Trainer(cfg, pctx, step_fn, loader, eval_batches, sink)
+        save = (lambda step: ckpt.save(step, model, optimizer, loader, stats)) if ckpt else None
+        trainer = Trainer(cfg, pctx, step_fn, loader, eval_batches, sink, start_step, save)
         outcome = trainer.fit()
         if pctx.is_main:
             summary = {"outcome": outcome, "steps": trainer.step,

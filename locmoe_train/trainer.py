@@ -51,7 +51,8 @@ class StopRequested:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, pctx: ParallelContext, step_fn, loader,
-                 eval_batches: list[torch.Tensor], sink=None, start_step: int = 0):
+                 eval_batches: list[torch.Tensor], sink=None, start_step: int = 0,
+                 save=None):
         self.cfg, self.pctx, self.step_fn, self.loader = cfg, pctx, step_fn, loader
         self.eval_batches = eval_batches
         self.sink = sink
@@ -59,6 +60,9 @@ class Trainer:
         self.stop = StopRequested()
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.last_val_loss: float | None = None
+        # save(step) writes a checkpoint (None: checkpointing off).
+        self.save = save
+        self.last_saved = start_step
 
     # ---- loop -------------------------------------------------------------
     def fit(self) -> str:
@@ -86,11 +90,26 @@ class Trainer:
                 if (cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0) or last:
                     self._log_eval()
                     t0 = time.perf_counter()  # validation time is not training throughput
+                exiting = self.step == cfg.train.exit_at_step
+                interval = cfg.checkpoint.interval
+                if (interval and self.step % interval == 0) or stopping or exiting or last:
+                    self._checkpoint()
+                    t0 = time.perf_counter()
                 if stopping:
                     return signal.Signals(self.stop.signum).name
+                if exiting:
+                    return "exit_at_step"
+            self._checkpoint()
             return "completed"
         finally:
             self.stop.uninstall()
+
+    def _checkpoint(self) -> None:
+        if self.save is not None and self.last_saved != self.step:
+            path = self.save(self.step)
+            self.last_saved = self.step
+            if self.pctx.is_main and self.cfg.logging.console:
+                print(f"saved checkpoint {path}", flush=True)
 
     def _agree_to_stop(self) -> bool:
         flag = torch.tensor([1 if self.stop.signum is not None else 0], dtype=torch.int32,

@@ -71,6 +71,16 @@ class LocMoEStats:
             m.router.step_end(counts_E, step, loss)
             m.stat_step_tokens_per_expert.zero_()
 
+    def state_dict(self) -> dict:
+        """Router state that is not a module buffer (LocMoE+ capacity controllers)."""
+        return {layer: {"controller": m.router.controller.state_dict()}
+                for layer, m in zip(self.layers, self.modules) if hasattr(m.router, "controller")}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for layer, m in zip(self.layers, self.modules):
+            if layer in sd and hasattr(m.router, "controller"):
+                m.router.controller.load_state_dict(sd[layer]["controller"])
+
     def gauges(self) -> dict[int, dict[str, float]]:
         """Per-layer values that are already identical on every rank (capacity, ...)."""
         return {layer: m.router.gauges() for layer, m in zip(self.layers, self.modules)
@@ -139,6 +149,12 @@ class MegatronMoEStats:
         return None
 
     def step_end(self, step: int, loss: torch.Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}  # megatron's router state (expert bias) is a module buffer
+
+    def load_state_dict(self, sd: dict) -> None:
         pass
 
     def gauges(self) -> dict:

@@ -1,0 +1,303 @@
+"""Checkpoints: atomic, resumable exactly, reshardable by parameter name.
+
+Owns the on-disk format, saving, finding the latest valid checkpoint and
+loading it into a (possibly differently laid out) run. Does not own when to
+save (the trainer calls ``save`` every ``checkpoint.interval`` steps and on a
+clean stop).
+
+Format: ``<checkpoint.dir>/step_00000300/``
+* ``shards_rank00003.pt``: the tensors this rank *owns* (one replica of each
+  shard: dense parameters from DP rank 0, experts from expert-DP rank 0),
+  keyed by canonical name (``model/<name>``, ``optim/<name>/exp_avg`` ...),
+  with how each is sharded (``model/init.py``'s ShardInfo);
+* ``rng_rank00003.pt``: every rank's RNG states;
+* ``trainer.pt``: step, data loader position, MoE router/capacity states;
+* ``meta.json``: written last: step, resolved config, layout, package version,
+  and the index of every shard file (name, size) and every tensor's shards.
+
+Because every tensor is stored with its shard layout under a layout-free
+name, a run with other TP / EP / DP sizes rebuilds each full tensor from the
+old shards and keeps its own slice: model *and* Adam state reshard. Only the
+RNG streams are per rank; after a layout change they are re-seeded (stated
+in the log), the rest continues exactly.
+
+Atomicity: everything is written into ``step_N.tmp``, files are fsynced,
+rank 0 writes ``meta.json``, renames the directory, then replaces the
+``latest`` pointer; a crash at any point leaves the previous checkpoint
+intact, and an incomplete directory is never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from locmoe_train.config import TrainConfig
+from locmoe_train.errors import UserError
+from locmoe_train.model.init import ShardInfo, shard_info, take_shard
+from locmoe_train.parallel.state import ParallelContext
+
+FORMAT = 1
+# Config sections that must match for a checkpoint to load (the model's shape).
+STRUCTURAL = {"model": ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                        "ffn_hidden_size", "moe_every", "vocab_size", "tie_embeddings"],
+              "moe": ["impl", "router", "num_experts", "top_k", "ffn_hidden_size"]}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("locmoe-train")
+    except Exception:  # pragma: no cover - not installed as a package
+        return "unknown"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _barrier(pctx: ParallelContext) -> None:
+    if pctx.world_size > 1:
+        dist.barrier()
+
+
+def _owned(info: ShardInfo, pctx: ParallelContext) -> bool:
+    if info.expert:
+        return pctx.edp_rank == 0
+    return pctx.dp_rank == 0
+
+
+class Checkpointer:
+    def __init__(self, cfg: TrainConfig, pctx: ParallelContext):
+        self.cfg, self.pctx = cfg, pctx
+        self.dir = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
+
+    # ---- save -------------------------------------------------------------
+    def save(self, step: int, model, optimizer, loader, moe_stats) -> str:
+        pctx, cfg = self.pctx, self.cfg
+        final = os.path.join(self.dir, f"step_{step:08d}")
+        tmp = final + ".tmp"
+        if pctx.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier(pctx)
+
+        tensors, index = {}, {}
+        params = dict(model.named_parameters())
+        saved_names = set(model.state_dict().keys())
+        for name, p in list(params.items()) + list(model.named_buffers()):
+            if name.endswith("_extra_state") or name not in saved_names:
+                continue
+            info = shard_info(name, p, cfg, pctx)
+            if not _owned(info, pctx):
+                continue
+            keys = {f"model/{info.canonical}": p.detach()}
+            state = optimizer.state.get(p, {}) if name in params else {}
+            for k, v in state.items():
+                keys[f"optim/{info.canonical}/{k}"] = v.detach() if torch.is_tensor(v) else v
+            for key, value in keys.items():
+                value = torch.as_tensor(value).cpu()
+                tensors[key] = value
+                scalar = value.dim() == 0  # e.g. Adam's step: the same on every shard
+                index[key] = {"dim": None if scalar else info.dim, "rank": info.rank,
+                              "size": info.size,
+                              "glu": info.glu, "shape": list(value.shape)}
+        shard_file = f"shards_rank{pctx.rank:05d}.pt"
+        _save_file(tensors, os.path.join(tmp, shard_file))
+        if os.environ.get("LOCMOE_TEST_SLOW_SAVE"):  # tests kill -9 a save half-way
+            import time
+
+            time.sleep(float(os.environ["LOCMOE_TEST_SLOW_SAVE"]))
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        _save_file(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
+        if self.pctx.world_size > 1:
+            gathered = [None] * pctx.world_size
+            dist.all_gather_object(gathered, (shard_file, index))
+        else:
+            gathered = [(shard_file, index)]
+        if pctx.is_main:
+            _save_file({"step": step, "loader": loader.state_dict(),
+                        "moe": moe_stats.state_dict() if moe_stats is not None else {}},
+                       os.path.join(tmp, "trainer.pt"))
+            shards: dict[str, list] = {}
+            for file, idx in gathered:
+                for key, info in idx.items():
+                    shards.setdefault(key, []).append({"file": file, **info})
+            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+            meta = {"format": FORMAT, "step": step, "version": _version(),
+                    "config": cfg.to_dict(), "layout": pctx.describe(),
+                    "world_size": pctx.world_size, "tp": pctx.tp, "ep": pctx.ep,
+                    "dp": pctx.dp, "files": files, "tensors": shards}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            latest_tmp = os.path.join(self.dir, "latest.tmp")
+            with open(latest_tmp, "w") as f:
+                f.write(os.path.basename(final) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(latest_tmp, os.path.join(self.dir, "latest"))
+            self._prune()
+        _barrier(pctx)
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(d for d in os.listdir(self.dir)
+                      if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in done[:-self.cfg.checkpoint.keep]:
+            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+
+    # ---- find ---------------------------------------------------------------
+    def resolve_resume(self) -> Optional[str]:
+        """The checkpoint to resume from, or None for a fresh start."""
+        resume = self.cfg.checkpoint.resume
+        if resume is None:
+            return None
+        if resume != "auto":
+            problem = validate_checkpoint(resume)
+            if problem:
+                raise UserError(f"checkpoint.resume={resume!r}: {problem}")
+            return resume
+        if not os.path.isdir(self.dir):
+            return None
+        for name in sorted(os.listdir(self.dir), reverse=True):
+            path = os.path.join(self.dir, name)
+            if not name.startswith("step_") or name.endswith(".tmp"):
+                continue
+            problem = validate_checkpoint(path)
+            if problem is None:
+                return path
+            if self.pctx.is_main:
+                print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr,
+                      flush=True)
+        return None
+
+    # ---- load ---------------------------------------------------------------
+    def load(self, path: str, model, optimizer, loader, moe_stats) -> int:
+        """Load ``path`` into this run's layout; returns the step to continue from."""
+        cfg, pctx = self.cfg, self.pctx
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        check_compatible(meta["config"], cfg.to_dict(), path)
+        files: dict[str, dict] = {}
+
+        def shard_tensor(entry, key):
+            if entry["file"] not in files:
+                files[entry["file"]] = torch.load(os.path.join(path, entry["file"]),
+                                                  map_location="cpu", mmap=True,
+                                                  weights_only=True)
+            return files[entry["file"]][key]
+
+        def full(key):
+            # One entry per saved shard; replicas of the same shard were not saved.
+            entries = sorted(meta["tensors"][key], key=lambda e: e["rank"])
+            first = entries[0]
+            if first["dim"] is None or first["size"] == 1:
+                return shard_tensor(first, key)
+            parts = [shard_tensor(e, key) for e in entries]
+            if first["glu"]:
+                halves = [p.chunk(2, dim=first["dim"]) for p in parts]
+                return torch.cat([h[0] for h in halves] + [h[1] for h in halves], first["dim"])
+            return torch.cat(parts, first["dim"])
+
+        params = dict(model.named_parameters())
+        state = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, p in list(params.items()) + list(model.named_buffers()):
+                if name not in state or name.endswith("_extra_state"):
+                    continue
+                info = shard_info(name, p, cfg, pctx)
+                key = f"model/{info.canonical}"
+                if key not in meta["tensors"]:
+                    raise UserError(f"checkpoint {path} has no tensor {info.canonical!r}: it "
+                                    f"was saved from a different model.")
+                p.copy_(take_shard(full(key), info).to(p.device))
+                if name in params:
+                    opt_state = {}
+                    for k in ("step", "exp_avg", "exp_avg_sq"):
+                        key = f"optim/{info.canonical}/{k}"
+                        if key in meta["tensors"]:
+                            value = full(key)
+                            if k != "step":
+                                value = take_shard(value, info)
+                            opt_state[k] = value.clone().to(p.device if k != "step" else "cpu")
+                    if opt_state:
+                        optimizer.state[p] = opt_state
+        trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+        files.clear()
+        loader.load_state_dict(trainer["loader"])
+        if moe_stats is not None and trainer["moe"]:
+            moe_stats.load_state_dict(trainer["moe"])
+        rng_file = os.path.join(path, f"rng_rank{pctx.rank:05d}.pt")
+        same_layout = (meta["world_size"], meta["tp"], meta["ep"]) == (pctx.world_size, pctx.tp,
+                                                                       pctx.ep)
+        if same_layout and os.path.exists(rng_file):
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        elif pctx.is_main:
+            print(f"note: layout changed ({meta['layout']} -> {pctx.describe()}): model, "
+                  f"optimizer and data position are resharded; RNG streams restart from "
+                  f"train.seed.", flush=True)
+        return int(trainer["step"])
+
+
+def validate_checkpoint(path: str) -> Optional[str]:
+    """None if ``path`` is a complete checkpoint, else what is wrong with it."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isdir(path):
+        return "no such directory"
+    if not os.path.exists(meta_path):
+        return "meta.json is missing (the save did not finish)"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return f"meta.json is unreadable ({e})"
+    if meta.get("format") != FORMAT:
+        return f"unknown checkpoint format {meta.get('format')!r}"
+    for file, size in meta["files"].items():
+        full = os.path.join(path, file)
+        if not os.path.exists(full):
+            return f"{file} is missing"
+        if os.path.getsize(full) != size:
+            return f"{file} has {os.path.getsize(full)} bytes, expected {size} (truncated?)"
+    return None
+
+
+def check_compatible(saved: dict, current: dict, path: str) -> None:
+    diffs = [f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, this run has "
+             f"{current[section].get(key)!r}"
+             for section, keys in STRUCTURAL.items() for key in keys
+             if saved[section].get(key) != current[section].get(key)]
+    if diffs:
+        raise UserError(f"checkpoint {path} was saved from an incompatible model: "
+                        + "; ".join(diffs) + ". Resume with the same model settings, or start "
+                        "a fresh run (checkpoint.resume=null) in another logging.run_dir.")

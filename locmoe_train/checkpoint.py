@@ -301,3 +301,59 @@ def check_compatible(saved: dict, current: dict, path: str) -> None:
         raise UserError(f"checkpoint {path} was saved from an incompatible model: "
                         + "; ".join(diffs) + ". Resume with the same model settings, or start "
                         "a fresh run (checkpoint.resume=null) in another logging.run_dir.")
+
+
+def inspect_main(argv: list[str]) -> int:
+    """``locmoe-train inspect-checkpoint PATH``: summary and integrity check."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="locmoe-train inspect-checkpoint",
+                                 description="Print a checkpoint's step, config summary, layout "
+                                             "and sizes, and check that it is complete.")
+    ap.add_argument("path", help="a step_* directory, or a checkpoint dir (uses 'latest')")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = ap.parse_args(argv)
+    path = args.path
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        path = os.path.join(path, open(latest).read().strip())
+    problem = validate_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is not usable: {problem}")
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    # Read every shard file back: a corrupt file fails here, not at resume time.
+    tensors = 0
+    for file in meta["files"]:
+        if file.endswith(".pt"):
+            try:
+                obj = torch.load(os.path.join(path, file), map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise UserError(f"checkpoint {path}: {file} cannot be read ({e})") from None
+            if file.startswith("shards_"):
+                tensors += len(obj)
+    cfg = meta["config"]
+    m, moe = cfg["model"], cfg["moe"]
+    params = sum(_numel(e) for key, entries in meta["tensors"].items() if key.startswith("model/")
+                 for e in entries)
+    summary = {"path": path, "step": meta["step"], "version": meta["version"],
+               "layout": meta["layout"], "files": len(meta["files"]),
+               "bytes": sum(meta["files"].values()), "tensors": tensors,
+               "model_parameters": params,
+               "model": f"{m['num_layers']} layers, hidden {m['hidden_size']}, "
+                        f"{m['num_attention_heads']} heads, vocab {m['vocab_size']}",
+               "moe": f"impl={moe['impl']} router={moe['router']} experts={moe['num_experts']} "
+                      f"top_k={moe['top_k']}", "status": "ok"}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>17}: {value}")
+    return 0
+
+
+def _numel(entry: dict) -> int:
+    n = 1
+    for d in entry["shape"]:
+        n *= d
+    return n

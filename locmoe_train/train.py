@@ -5,7 +5,8 @@ Parses the config, starts the process groups, builds the parts, runs
 completed, 2 for bad user input (nothing written), 130/143 when stopped by
 SIGINT/SIGTERM after a clean stop, 1 on a crash.
 
-Subcommands: ``locmoe-train prepare-data ...`` (data prep). With ``--check``
+Subcommands: ``locmoe-train prepare-data ...`` (data prep) and
+``locmoe-train inspect-checkpoint PATH``. With ``--check``
 it validates the config, the parallel layout for ``--world-size`` and the
 data directory, then exits (launch scripts run it before torchrun so that a
 bad config fails with status 2 and one message instead of one per rank).
@@ -42,7 +43,7 @@ def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(
         prog="locmoe-train",
         description="Pre-train a GPT-MoE. Overrides: --section.key=value (e.g. --train.max_steps=50).",
-        epilog="Subcommands: prepare-data (see `locmoe-train prepare-data --help`).")
+        epilog="Subcommands: prepare-data, inspect-checkpoint (each with --help).")
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--check", action="store_true",
                         help="validate config, layout and data, then exit")
@@ -203,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             from locmoe_train.data import prepare
 
             return prepare.main(argv[1:])
+        if argv and argv[0] == "inspect-checkpoint":
+            from locmoe_train.checkpoint import inspect_main
+
+            return inspect_main(argv[1:])
         from locmoe_train.config import load_config
 
         args, overrides = parse_args(argv)

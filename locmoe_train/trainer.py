@@ -13,6 +13,7 @@ waiting in a collective. A second Ctrl-C aborts at once.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 
@@ -49,6 +50,18 @@ class StopRequested:
         self.signum = signum
 
 
+def _crash_for_tests(step: int, rank: int) -> None:
+    """``LOCMOE_TEST_CRASH=STEP:RANK:MARKER`` kills that rank after that step, once
+    (the marker file records that it happened). Lets tests exercise torchrun restarts."""
+    spec = os.environ.get("LOCMOE_TEST_CRASH")
+    if not spec:
+        return
+    at_step, at_rank, marker = spec.split(":", 2)
+    if step == int(at_step) and rank == int(at_rank) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, pctx: ParallelContext, step_fn, loader,
                  eval_batches: list[torch.Tensor], sink=None, start_step: int = 0,
@@ -76,6 +89,7 @@ class Trainer:
                 micro_batches = self.loader.next_step()
                 self.step += 1
                 metrics = self.step_fn(micro_batches, self.step)
+                _crash_for_tests(self.step, self.pctx.rank)
                 for k, v in metrics.items():
                     acc[k] = acc[k] + v if k in acc else v.clone()
                 steps_in_window += 1

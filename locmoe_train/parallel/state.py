@@ -184,9 +184,16 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
         if "MASTER_ADDR" not in os.environ:  # plain `python -m` / console script, one process
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+        # After a torchrun restart (--max-restarts) the agent's store still holds
+        # the previous attempt's keys (gloo would connect to dead ranks' ports):
+        # give every attempt its own key space.
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size,
+                                                       timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"locmoe/attempt_{attempt}/", store)
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
             device_id=dev if use_cuda else None)
 
     parallel_state.destroy_model_parallel()

@@ -128,3 +128,38 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, tiny_data):
     assert "at step 6" in r.stdout
     meta = json.load(open(os.path.join(ckdir, "step_00000009", "meta.json")))
     assert meta["step"] == 9
+
+
+def test_torchrun_restart_resumes_by_itself(tmp_path, tiny_data):
+    """A rank dies after step 5; torchrun --max-restarts=1 restarts the job, which
+    resumes from the step-3 checkpoint and ends exactly like an uninterrupted run."""
+    from helpers import free_port
+
+    straight, _ = train(tmp_path, tiny_data, "straight", ["--parallel.ep=2"], 2)
+    run_dir = tmp_path / "restarted"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               LOCMOE_TEST_CRASH=f"5:1:{tmp_path / 'crashed'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--max-restarts=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "-m", "locmoe_train.train", *TINY, f"--data.path={tiny_data}", "--parallel.ep=2",
+           f"--logging.run_dir={run_dir}", "--checkpoint.resume=auto"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "crashed").exists()  # the crash did happen
+    assert "at step 3" in r.stdout
+    got = losses(run_dir)
+    assert got[6] == losses(straight)[6]
+    a, b = shards(straight, 6), shards(run_dir, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_checkpoint(tmp_path, tiny_data):
+    run_dir, _ = train(tmp_path, tiny_data, "run", ["--train.max_steps=3"])
+    r = run_cli(["inspect-checkpoint", str(run_dir / "checkpoints"), "--json"])
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["step"] == 3 and info["status"] == "ok"
+    assert info["path"].endswith("step_00000003") and info["model_parameters"] > 0
+    os.remove(run_dir / "checkpoints" / "step_00000003" / "trainer.pt")
+    r = run_cli(["inspect-checkpoint", str(run_dir / "checkpoints" / "step_00000003")])
+    assert r.returncode == 2 and "trainer.pt is missing" in r.stderr

@@ -70,6 +70,20 @@ def _rotate(path: str) -> None:
     os.replace(path, f"{stem}.{n}{ext}")
 
 
+def truncate_after(path: str, step: int) -> None:
+    """Drop records of steps after ``step`` (work a resumed run is about to redo)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class JsonlSink:
     def __init__(self, path: str, append: bool = False):
         if not append:

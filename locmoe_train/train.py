@@ -88,7 +88,7 @@ def run(cfg) -> str:
     from locmoe_train.config import dump_config
     from locmoe_train.data.dataset import StepLoader, TokenWindows, eval_micro_batches
     from locmoe_train.data.prepare import load_meta
-    from locmoe_train.metrics import ConsoleSink, JsonlSink, MultiSink
+    from locmoe_train.metrics import ConsoleSink, JsonlSink, MultiSink, truncate_after
     from locmoe_train.model.gpt import build_model
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.stats import build_moe_stats
@@ -136,8 +136,10 @@ def run(cfg) -> str:
             if cfg.logging.console:
                 sinks.append(ConsoleSink(cfg.train.max_steps))
             if cfg.logging.jsonl:
-                sinks.append(JsonlSink(os.path.join(cfg.logging.run_dir, "metrics.jsonl"),
-                                       append=resume_from is not None))
+                metrics_path = os.path.join(cfg.logging.run_dir, "metrics.jsonl")
+                if resume_from is not None:
+                    truncate_after(metrics_path, start_step)
+                sinks.append(JsonlSink(metrics_path, append=resume_from is not None))
             sink = MultiSink(sinks)
             print(startup_summary(cfg, pctx, counts, meta, prec, len(train_ds)), flush=True)
 

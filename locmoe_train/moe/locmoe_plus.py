@@ -34,7 +34,6 @@ from torch import nn
 
 from locmoe_train.errors import UserError
 from locmoe_train.moe.capacity import CapacityController
-from locmoe_train.moe.losses import router_z_loss, switch_load_balancing_loss
 from locmoe_train.moe.routers import Router, _topk_map
 from locmoe_train.moe.routing import RoutingResult, drop_over_capacity
 
@@ -100,14 +99,9 @@ class LocMoEPlusRouter(Router):
             kept_TE = self._expert_choice(candidates_TE, delta_TE, capacity)
         if self.training:
             self.controller.observe(delta_TE.detach(), top_TK[:, 0])
-        aux = {}
-        if self.cfg.aux_loss_coeff > 0:
-            aux["load_balancing_loss"] = switch_load_balancing_loss(
-                probs_TE, selected_TE, self.top_k, self.sp_group, self.sp_size)
-        if self.cfg.z_loss_coeff > 0:
-            aux["z_loss"] = router_z_loss(logits_TE, self.sp_group, self.sp_size)
         return RoutingResult(kept_TE, probs_TE * kept_TE, delta_TE, requested_slots=requested,
-                             capacity=capacity, aux=aux, probs_TE=probs_TE)
+                             capacity=capacity, aux=self._aux(logits_TE, probs_TE, selected_TE),
+                             probs_TE=probs_TE)
 
     def _expert_choice(self, candidates_TE, delta_TE, capacity: int) -> torch.Tensor:
         """Keep each expert's best ``capacity`` candidates by affinity (this rank, or the SP group)."""

@@ -166,3 +166,15 @@ def test_inspect_checkpoint(tmp_path, tiny_data):
     os.remove(run_dir / "checkpoints" / "step_00000003" / "trainer.pt")
     r = run_cli(["inspect-checkpoint", str(run_dir / "checkpoints" / "step_00000003")])
     assert r.returncode == 2 and "trainer.pt is missing" in r.stderr
+
+
+def test_megatron_impl_checkpoint_reshards(tmp_path, tiny_data):
+    """megatron-core's MoELayer: per-expert weights saved at EP=2 load on 1 rank."""
+    impl = ["--moe.impl=megatron", "--parallel.ep=2"]
+    straight, _ = train(tmp_path, tiny_data, "straight", impl, 2)
+    split, _ = train(tmp_path, tiny_data, "split", impl + ["--train.exit_at_step=3"], 2)
+    resumed, _ = train(tmp_path, tiny_data, "split", ["--moe.impl=megatron", "--parallel.ep=1",
+                                                      "--checkpoint.resume=auto"], 1)
+    got, want = losses(resumed), losses(straight)
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-5)

@@ -151,12 +151,14 @@ def test_layer_hash_router_uses_token_ids_in_b_s_layout(megatron_reset, impl):
         layer(x)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["moe.experts=loop"],
-    ["moe.experts=grouped"],
-    ["moe.experts=loop", "moe.pad_to_capacity=true"],
-    ["moe.experts=grouped", "moe.pad_to_capacity=true"],
-], ids=["loop", "grouped", "loop_pad", "grouped_pad"])
+# Both expert implementations, with and without padding to capacity.
+EXPERT_PATHS = [["moe.experts=loop"], ["moe.experts=grouped"],
+                ["moe.experts=loop", "moe.pad_to_capacity=true"],
+                ["moe.experts=grouped", "moe.pad_to_capacity=true"]]
+EXPERT_PATH_IDS = ["loop", "grouped", "loop_pad", "grouped_pad"]
+
+
+@pytest.mark.parametrize("overrides", EXPERT_PATHS, ids=EXPERT_PATH_IDS)
 def test_layer_gradients_match_dense_reference_with_drops(megatron_reset, overrides):
     cfg, layer = _layer(["moe.top_k=2", "moe.capacity_factor=0.5", *overrides])
     x = _input(requires_grad=True)
@@ -226,12 +228,7 @@ def test_expert_without_tokens_gets_zero_gradient(megatron_reset, impl):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("overrides", [
-    ["moe.experts=loop"],
-    ["moe.experts=grouped"],
-    ["moe.experts=loop", "moe.pad_to_capacity=true"],
-    ["moe.experts=grouped", "moe.pad_to_capacity=true"],
-], ids=["loop", "grouped", "loop_pad", "grouped_pad"])
+@pytest.mark.parametrize("overrides", EXPERT_PATHS, ids=EXPERT_PATH_IDS)
 def test_all_tokens_dropped_but_one(megatron_reset, overrides):
     # K=1, factor 0.25 -> C = ceil(0.25 * 12 / 4) = 1, and every token wants expert 0.
     cfg, layer = _layer(["moe.top_k=1", "moe.capacity_factor=0.25", *overrides])

@@ -5,7 +5,8 @@ Parses the config, starts the process groups, builds the parts, runs
 completed, 2 for bad user input (nothing written), 130/143 when stopped by
 SIGINT/SIGTERM after a clean stop, 1 on a crash.
 
-Subcommands: ``locmoe-train prepare-data ...`` (data prep) and
+Subcommands (table SUBCOMMANDS below): ``prepare-data``, ``inspect-checkpoint``,
+``sweep``, ``report``, ``export-hf``, ``adak``; e.g.
 ``locmoe-train inspect-checkpoint PATH``. With ``--check``
 it validates the config, the parallel layout for ``--world-size`` and the
 data directory, then exits (launch scripts run it before torchrun so that a
@@ -27,6 +28,18 @@ from locmoe_train.errors import UserError
 
 EXIT_CODES = {"completed": 0, "exit_at_step": 0, "SIGINT": 130, "SIGTERM": 143}
 
+# ``locmoe-train NAME ...`` -> "module:function" called with the remaining argv;
+# imported only when used, so one subcommand's optional dependencies never
+# slow down or break another.
+SUBCOMMANDS = {
+    "prepare-data": "locmoe_train.data.prepare:main",
+    "inspect-checkpoint": "locmoe_train.checkpoint:inspect_main",
+    "sweep": "locmoe_train.sweep:main",
+    "report": "locmoe_train.report:main",
+    "export-hf": "locmoe_train.export_hf:main",
+    "adak": "locmoe_train.adak.stage:main",
+}
+
 
 def _quiet_megatron() -> None:
     # megatron-core warns about every optional extension it cannot find
@@ -43,7 +56,7 @@ def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(
         prog="locmoe-train",
         description="Pre-train a GPT-MoE. Overrides: --section.key=value (e.g. --train.max_steps=50).",
-        epilog="Subcommands: prepare-data, inspect-checkpoint (each with --help).")
+        epilog="Subcommands: " + ", ".join(SUBCOMMANDS) + " (each with --help).")
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--check", action="store_true",
                         help="validate config, layout and data, then exit")
@@ -202,14 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     try:
-        if argv and argv[0] == "prepare-data":
-            from locmoe_train.data import prepare
+        if argv and argv[0] in SUBCOMMANDS:
+            import importlib
 
-            return prepare.main(argv[1:])
-        if argv and argv[0] == "inspect-checkpoint":
-            from locmoe_train.checkpoint import inspect_main
-
-            return inspect_main(argv[1:])
+            module, func = SUBCOMMANDS[argv[0]].split(":")
+            return getattr(importlib.import_module(module), func)(argv[1:])
         from locmoe_train.config import load_config
 
         args, overrides = parse_args(argv)

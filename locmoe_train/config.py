@@ -45,6 +45,10 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     tie_embeddings: bool = False
+    # Core attention: sdpa = torch's scaled_dot_product_attention (flash /
+    # memory-efficient kernels on GPU); megatron = megatron-core's unfused
+    # DotProductAttention (materialises the [b, h, s, s] scores).
+    attention: Literal["sdpa", "megatron"] = "sdpa"
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.profiler import record_function
 
 from locmoe_train.config import TrainConfig
 from locmoe_train.model.gpt import causal_mask
@@ -63,15 +64,21 @@ class TrainStep:
         n = len(micro_batches)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / n, device=self.pctx.device))
         loss_sum = torch.zeros((), device=self.pctx.device)
+        # The record_function ranges name the step's phases for the torch profiler
+        # (scripts/bench_train.py); they cost nothing measurable when it is off.
         for tokens in micro_batches:
-            loss = self.forward_loss(tokens)
-            aux = self.moe_stats.pop_aux_loss() if self.moe_stats is not None else None
-            total = loss if aux is None else loss + aux
-            (total / n).backward()
+            with record_function("train_step/forward"):
+                loss = self.forward_loss(tokens)
+                aux = self.moe_stats.pop_aux_loss() if self.moe_stats is not None else None
+                total = loss if aux is None else loss + aux
+            with record_function("train_step/backward"):
+                (total / n).backward()
             loss_sum += loss.detach()
-        self.grad_sync.reduce()
-        grad_norm = self.grad_sync.clip(self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        with record_function("train_step/grad_sync"):
+            self.grad_sync.reduce()
+            grad_norm = self.grad_sync.clip(self.cfg.optim.grad_clip)
+        with record_function("train_step/optimizer"):
+            self.optimizer.step()
         if self.moe_stats is not None:
             self.moe_stats.step_end(step, loss_sum / n)
         metrics = {"loss": loss_sum / n, "grad_norm": grad_norm,

@@ -2,13 +2,13 @@
 
     python scripts/bench_train.py --config configs/bench/h100_small.yaml --out bench_train.json
     python scripts/bench_train.py --config configs/quickstart.yaml --model.vocab_size=4096 \\
-        --steps 3 --warmup 1 --impls locmoe,megatron            # tiny, on CPU
+        --steps 3 --warmup 1 --variants ours,megatron          # tiny, on CPU
 
-For each ``moe.impl`` in ``--impls`` it builds the model from the config on one
+For each variant in ``--variants`` it builds the model from the config on one
 process (GPU if available), runs ``--warmup`` then ``--steps`` full training
 steps (forward, backward, grad sync, AdamW) on random tokens, timed with CUDA
 events on GPU or ``perf_counter`` on CPU, and reports step time, tokens/s,
-model TFLOP/s, MFU and peak GPU memory. Ratios are against the first impl.
+model TFLOP/s, MFU and peak GPU memory. Ratios are against the first variant.
 
 FLOPs per token, forward (training = 3x: backward costs twice the forward),
 counting only the experts a token activates and including attention:
@@ -18,7 +18,19 @@ AV over the full s x s score matrix, as in Megatron's formula)
 down; the router) ``+ 2*h*V`` (output layer). MFU = achieved FLOP/s / peak
 (``--peak-tflops``, 989 for H100 bf16 dense).
 
-Not yet here (issue 7): the per-phase profiler breakdown.
+Variants (``--variants``, comma-separated; the first is the baseline of the
+ratios) are names from ``VARIANTS`` below or ``name:key=value;key=value``
+config overrides. ``ours`` is our MoE layer with SDPA attention; ``megatron``
+is megatron-core's local spec (its MoELayer, SequentialMLP experts, unfused
+attention), the reference of issue 7. ``locmoe_plus``, ``top2_dropless`` and
+``top1_cf1.1`` compare routing on our layer.
+
+Per-phase breakdown: after the timed steps, ``--profile-steps`` more steps run
+under ``torch.profiler`` with named ranges (attention, router, dispatch,
+experts, combine per MoE implementation; the train step's forward, backward,
+grad sync and optimizer). Phase times are per step: on GPU the kernel time
+launched inside each forward range, backward = all kernel time not in a
+forward range, grad sync or the optimizer; on CPU the ranges' elapsed time.
 """
 
 from __future__ import annotations
@@ -46,14 +58,128 @@ def flops_per_token(cfg) -> float:
     return 3.0 * (L * attn + (L - n_moe) * dense + n_moe * moe_ffn + 2 * h * vocab)
 
 
-def bench_one(cfg, impl: str, warmup: int, steps: int) -> dict:
+# name -> config overrides applied on top of --config (and its CLI overrides).
+VARIANTS = {
+    "ours": ["moe.impl=locmoe", "model.attention=sdpa"],
+    "megatron": ["moe.impl=megatron", "model.attention=megatron"],
+    "locmoe": ["moe.impl=locmoe"],
+    "top2_dropless": ["moe.impl=locmoe", "moe.router=topk", "moe.top_k=2",
+                      "moe.capacity_factor=null"],
+    "top1_cf1.1": ["moe.impl=locmoe", "moe.router=topk", "moe.top_k=1",
+                   "moe.capacity_factor=1.1", "moe.pad_to_capacity=false"],
+    "locmoe_plus": ["moe.impl=locmoe", "moe.router=locmoe_plus", "moe.top_k=1",
+                    "moe.capacity.policy=fixed", "moe.capacity.factor0=0.66"],
+}
+
+
+def parse_variants(spec: str) -> list[tuple[str, list[str]]]:
+    from locmoe_train.errors import UserError
+
+    out = []
+    for item in spec.split(","):
+        name, _, overrides = item.partition(":")
+        if overrides:
+            out.append((name, [o for o in overrides.split(";") if o]))
+        elif name in VARIANTS:
+            out.append((name, VARIANTS[name]))
+        else:
+            raise UserError(f"--variants: {name!r} is not one of {sorted(VARIANTS)}; or give "
+                            f"'name:key=value;key=value'.")
+    return out
+
+
+class _Range:
+    """Forward pre/post hooks that open and close a profiler range around a module."""
+
+    def __init__(self, name: str):
+        self.name, self.stack = name, []
+
+    def pre(self, module, args):
+        rf = torch.profiler.record_function(self.name)
+        rf.__enter__()
+        self.stack.append(rf)
+
+    def post(self, module, args, output):
+        self.stack.pop().__exit__(None, None, None)
+
+
+def _wrap_method(obj, attr: str, name: str) -> None:
+    fn = getattr(obj, attr)
+
+    def wrapped(*a, **k):
+        with torch.profiler.record_function(name):
+            return fn(*a, **k)
+    setattr(obj, attr, wrapped)
+
+
+def annotate_phases(model) -> None:
+    """Name the forward phases of every layer for the profiler (both MoE implementations)."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    from locmoe_train.moe.layer import LocMoELayer
+
+    def hook(module, name):
+        r = _Range(name)
+        module.register_forward_pre_hook(r.pre)
+        module.register_forward_hook(r.post)
+
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            hook(module, "phase/attention")
+        elif isinstance(module, LocMoELayer):
+            hook(module.router, "phase/router")
+            hook(module.experts, "phase/experts")
+            _wrap_method(module.dispatcher, "dispatch", "phase/dispatch")
+            _wrap_method(module.dispatcher, "combine", "phase/combine")
+        elif type(module).__name__ == "MoELayer":  # megatron-core's
+            _wrap_method(module, "route", "phase/router")
+            _wrap_method(module, "preprocess", "phase/dispatch")
+            _wrap_method(module, "dispatch", "phase/dispatch")
+            hook(module.experts, "phase/experts")
+            _wrap_method(module, "combine", "phase/combine")
+            _wrap_method(module, "postprocess", "phase/combine")
+
+
+FORWARD_PHASES = ("attention", "router", "dispatch", "experts", "combine")
+
+
+def profile_phases(step_fn, batch, first_step: int, steps: int, cuda: bool) -> dict:
+    """Milliseconds per step of each phase (see the module docstring for the attribution)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step_fn(batch, first_step + i)
+        if cuda:
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        key = evt.key
+        if key.startswith("phase/") or key.startswith("train_step/"):
+            us = evt.device_time_total if cuda else evt.cpu_time_total
+            totals[key.split("/", 1)[1]] = us / 1e3 / steps
+    out = {p: totals.get(p, 0.0) for p in FORWARD_PHASES}
+    out["forward_other"] = max(0.0, totals.get("forward", 0.0) - sum(out.values()))
+    out["grad_sync_clip"] = totals.get("grad_sync", 0.0)
+    out["optimizer"] = totals.get("optimizer", 0.0)
+    if cuda:
+        kernels = sum(e.self_device_time_total for e in prof.key_averages()
+                      if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / steps
+        out["backward"] = max(0.0, kernels - totals.get("forward", 0.0)
+                              - out["grad_sync_clip"] - out["optimizer"])
+    else:
+        out["backward"] = totals.get("backward", 0.0)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -> dict:
     from locmoe_train.model.gpt import build_model
     from locmoe_train.moe.stats import build_moe_stats
     from locmoe_train.optim.optimizer import build_optimizer
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train_step import TrainStep
 
-    cfg.moe.impl = impl
     cfg.parallel.etp = None
     cfg.validate()
     pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, cfg.train.device, cfg.train.seed)
@@ -86,10 +212,17 @@ def bench_one(cfg, impl: str, warmup: int, steps: int) -> dict:
         else:
             seconds = (time.perf_counter() - t0) / steps
         tokens = cfg.train.global_batch_size * cfg.data.seq_len
-        return {"impl": impl, "device": str(pctx.device), "dtype": str(dtype).split(".")[-1],
-                "step_time_s": seconds, "tokens_per_s": tokens / seconds,
-                "loss": float(metrics["loss"]),
-                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        result = {"variant": impl, "impl": cfg.moe.impl, "router": cfg.moe.router,
+                  "attention": cfg.model.attention, "device": str(pctx.device),
+                  "dtype": str(dtype).split(".")[-1],
+                  "step_time_s": seconds, "tokens_per_s": tokens / seconds,
+                  "loss": float(metrics["loss"]),
+                  "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        if profile_steps:
+            annotate_phases(model)
+            result["phases_ms"] = profile_phases(step_fn, batch, warmup + steps + 1,
+                                                 profile_steps, cuda)
+        return result
     finally:
         destroy_parallel()
 
@@ -101,36 +234,52 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--impls", default="locmoe,megatron")
+    ap.add_argument("--variants", default="ours,megatron",
+                    help=f"comma-separated: {', '.join(VARIANTS)} or name:key=v;key=v")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile-steps", type=int, default=2,
+                    help="steps profiled for the per-phase breakdown (0: none)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--out", default="bench_train.json")
     args, rest = ap.parse_known_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cfg = load_config(args.config, parse_override_args(rest) + ["parallel.ep=1", "parallel.tp=1"])
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = 32000
-    flops = flops_per_token(cfg)
+    base_overrides = parse_override_args(rest) + ["parallel.ep=1", "parallel.tp=1"]
     results = []
-    for impl in args.impls.split(","):
-        r = bench_one(cfg, impl, args.warmup, args.steps)
+    for name, overrides in parse_variants(args.variants):
+        cfg = load_config(args.config, base_overrides + overrides)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = 32000
+        # FLOPs count the experts a token is meant to use (top_k), the same for a
+        # variant that drops tokens: its MFU is then what the routing buys.
+        flops = flops_per_token(cfg)
+        r = bench_one(cfg, name, args.warmup, args.steps, args.profile_steps)
+        r["flops_per_token"] = flops
         r["model_tflops"] = flops * r["tokens_per_s"] / 1e12
         r["mfu"] = r["model_tflops"] / args.peak_tflops
         results.append(r)
     base = results[0]
     print(f"{args.config}: {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step, "
-          f"{flops / 1e9:.3f} GFLOP/token (train), peak {args.peak_tflops:g} TFLOP/s")
-    print("| impl | device | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GB) | speed vs "
-          f"{base['impl']} |\n|---|---|---:|---:|---:|---:|---:|---:|")
+          f"peak {args.peak_tflops:g} TFLOP/s")
+    print("| variant | device | step (ms) | tokens/s | GFLOP/token | TFLOP/s | MFU | peak mem (GB) "
+          f"| speed vs {base['variant']} |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         mem = "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
-        print(f"| {r['impl']} | {r['device']} {r['dtype']} | {r['step_time_s'] * 1e3:.1f} | "
-              f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.2f} | {r['mfu']:.4f} | {mem} | "
+        print(f"| {r['variant']} | {r['device']} {r['dtype']} | {r['step_time_s'] * 1e3:.1f} | "
+              f"{r['tokens_per_s']:.0f} | {r['flops_per_token'] / 1e9:.3f} | "
+              f"{r['model_tflops']:.2f} | {r['mfu']:.4f} | {mem} | "
               f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+    if args.profile_steps:
+        phases = list(results[0]["phases_ms"])
+        print("\nper-phase ms/step (torch profiler)\n| variant | " + " | ".join(phases)
+              + " |\n|---|" + "---:|" * len(phases))
+        for r in results:
+            print(f"| {r['variant']} | " + " | ".join(f"{r['phases_ms'][p]:.2f}" for p in phases)
+                  + " |")
     with open(args.out, "w") as f:
-        json.dump({"config": args.config, "flops_per_token": flops,
-                   "peak_tflops": args.peak_tflops, "results": results}, f, indent=2)
+        json.dump({"config": args.config, "peak_tflops": args.peak_tflops,
+                   "command": " ".join(["python", "scripts/bench_train.py", *(argv or sys.argv[1:])]),
+                   "results": results}, f, indent=2)
     return 0
 
 

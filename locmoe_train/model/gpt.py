@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from locmoe_train.config import TrainConfig
 from locmoe_train.errors import UserError
+from locmoe_train.model.attention import SDPAttention
 from locmoe_train.model.init import init_parameters
 from locmoe_train.model.norm import RMSNorm
 from locmoe_train.parallel.state import ParallelContext
@@ -125,11 +126,12 @@ def layer_spec(cfg: TrainConfig, pctx: ParallelContext, moe: bool):
     else:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    core_attention = SDPAttention if cfg.model.attention == "sdpa" else DotProductAttention
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+            linear_qkv=ColumnParallelLinear, core_attention=core_attention,
             linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp))
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=RMSNorm, self_attention=attention,

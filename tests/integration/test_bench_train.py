@@ -18,16 +18,46 @@ def test_bench_train_cpu_smoke(tmp_path):
                         "--steps", "2", "--warmup", "1", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| locmoe | cpu float32 |" in r.stdout and "| megatron |" in r.stdout
+    assert "| ours | cpu float32 |" in r.stdout and "| megatron | cpu float32 |" in r.stdout
     data = json.loads(out.read_text())
-    assert [x["impl"] for x in data["results"]] == ["locmoe", "megatron"]
-    for x in data["results"]:
+    res = data["results"]
+    assert [(x["variant"], x["impl"], x["attention"]) for x in res] == [
+        ("ours", "locmoe", "sdpa"), ("megatron", "megatron", "megatron")]
+    for x in res:
         assert x["tokens_per_s"] > 0 and x["step_time_s"] > 0
-        assert x["model_tflops"] == pytest.approx(
-            data["flops_per_token"] * x["tokens_per_s"] / 1e12)
+        assert x["model_tflops"] == pytest.approx(x["flops_per_token"] * x["tokens_per_s"] / 1e12)
+        # Every phase was seen by the profiler, in both MoE implementations.
+        phases = x["phases_ms"]
+        for p in ("attention", "router", "dispatch", "experts", "combine", "backward",
+                  "optimizer"):
+            assert phases[p] > 0, (x["variant"], p, phases)
+        assert sum(phases.values()) < 3 * x["step_time_s"] * 1e3
     # FLOPs per token (train) by hand: L=2, h=128, s=64, 4 heads (kv=128), ffn 384,
     # 8 experts top-2, vocab 512: 3 * (2*(attn) + 2*(moe) + 2*h*V).
     h, s, f, V = 128, 64, 384, 512
     attn = 2 * h * (h + 2 * h) + 2 * h * h + 4 * s * h
     moe = 2 * 3 * 2 * h * f + 2 * h * 8
-    assert data["flops_per_token"] == 3 * (2 * attn + 2 * moe + 2 * h * V)
+    assert res[0]["flops_per_token"] == 3 * (2 * attn + 2 * moe + 2 * h * V)
+
+
+def test_bench_train_routing_variants(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "scripts/bench_train.py", "--config",
+                        "configs/quickstart.yaml", "--model.vocab_size=512",
+                        "--model.num_layers=1", "--data.seq_len=32",
+                        "--train.global_batch_size=2", "--train.micro_batch_size=2",
+                        "--steps", "1", "--warmup", "1", "--profile-steps", "0",
+                        "--variants", "top2_dropless,top1_cf1.1,locmoe_plus,x:moe.top_k=3",
+                        "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [(x["variant"], x["router"]) for x in res] == [
+        ("top2_dropless", "topk"), ("top1_cf1.1", "topk"), ("locmoe_plus", "locmoe_plus"),
+        ("x", "topk")]
+    assert "phases_ms" not in res[0]
+    # top-1 does half the expert FLOPs of top-2, top-3 one and a half times.
+    h, f = 128, 384
+    per_expert = 3 * 3 * 2 * h * f
+    assert res[0]["flops_per_token"] - res[1]["flops_per_token"] == per_expert
+    assert res[3]["flops_per_token"] - res[0]["flops_per_token"] == per_expert

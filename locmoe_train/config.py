@@ -207,6 +207,16 @@ class LoggingConfig:
     log_interval: int = 10
     console: bool = True
     jsonl: bool = True
+    # Event files in <run_dir>/tensorboard (pip install 'locmoe-train[tensorboard]').
+    tensorboard: bool = False
+    # A wandb run in <run_dir>/wandb (pip install 'locmoe-train[wandb]'); offline
+    # needs no network or account: `wandb sync <run_dir>/wandb/offline-run-*` later.
+    wandb: bool = False
+    wandb_project: str = "locmoe-train"
+    wandb_entity: Optional[str] = None
+    # null: the run directory's name.
+    wandb_name: Optional[str] = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
 
 @dataclass
@@ -298,6 +308,12 @@ class TrainConfig:
                             f"(0: save only when the run ends or is stopped).")
         if t.exit_at_step is not None and t.exit_at_step < 1:
             raise UserError(f"train.exit_at_step={t.exit_at_step} must be >= 1 or null.")
+        if self.logging.wandb and not self.logging.wandb_project.strip():
+            raise UserError("logging.wandb_project is empty: give the wandb project name "
+                            "(default locmoe-train).")
+        from locmoe_train.loggers import check_installed
+
+        check_installed(self.logging)
         return self
 
     def _validate_moe_impl(self) -> None:

@@ -101,6 +101,7 @@ def run(cfg) -> str:
     from locmoe_train.config import dump_config
     from locmoe_train.data.dataset import StepLoader, TokenWindows, eval_micro_batches
     from locmoe_train.data.prepare import load_meta
+    from locmoe_train.loggers import build_tracker_sinks
     from locmoe_train.metrics import ConsoleSink, JsonlSink, MultiSink, truncate_after
     from locmoe_train.model.gpt import build_model
     from locmoe_train.model.init import count_parameters
@@ -153,6 +154,7 @@ def run(cfg) -> str:
                 if resume_from is not None:
                     truncate_after(metrics_path, start_step)
                 sinks.append(JsonlSink(metrics_path, append=resume_from is not None))
+            sinks += build_tracker_sinks(cfg, resume_from is not None, start_step)
             sink = MultiSink(sinks)
             print(startup_summary(cfg, pctx, counts, meta, prec, len(train_ds)), flush=True)
 
@@ -206,6 +208,9 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
         f"warmup {cfg.optim.warmup_steps})",
         f"  outputs  : {cfg.logging.run_dir}/ (config.yaml, metrics.jsonl, summary.json)",
     ]
+    from locmoe_train.loggers import tracker_outputs
+
+    lines += [f"             {cfg.logging.run_dir}/{out}" for out in tracker_outputs(cfg.logging)]
     return "\n".join(lines)
 
 

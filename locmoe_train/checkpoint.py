@@ -215,16 +215,7 @@ class Checkpointer:
             return files[entry["file"]][key]
 
         def full(key):
-            # One entry per saved shard; replicas of the same shard were not saved.
-            entries = sorted(meta["tensors"][key], key=lambda e: e["rank"])
-            first = entries[0]
-            if first["dim"] is None or first["size"] == 1:
-                return shard_tensor(first, key)
-            parts = [shard_tensor(e, key) for e in entries]
-            if first["glu"]:
-                halves = [p.chunk(2, dim=first["dim"]) for p in parts]
-                return torch.cat([h[0] for h in halves] + [h[1] for h in halves], first["dim"])
-            return torch.cat(parts, first["dim"])
+            return _assemble(meta["tensors"][key], key, shard_tensor)
 
         params = dict(model.named_parameters())
         state = model.state_dict(keep_vars=True)
@@ -267,6 +258,51 @@ class Checkpointer:
                   f"optimizer and data position are resharded; RNG streams restart from "
                   f"train.seed.", flush=True)
         return int(trainer["step"])
+
+
+def _assemble(entries: list[dict], key: str, shard_tensor) -> torch.Tensor:
+    """The full tensor ``key`` from its saved shards (``shard_tensor(entry, key)`` reads one)."""
+    # One entry per saved shard; replicas of the same shard were not saved.
+    entries = sorted(entries, key=lambda e: e["rank"])
+    first = entries[0]
+    if first["dim"] is None or first["size"] == 1:
+        return shard_tensor(first, key)
+    parts = [shard_tensor(e, key) for e in entries]
+    if first["glu"]:
+        halves = [p.chunk(2, dim=first["dim"]) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], first["dim"])
+    return torch.cat(parts, first["dim"])
+
+
+def read_full_tensors(path: str, prefix: str = "model/", progress=None) -> tuple[dict, dict]:
+    """``(meta, {canonical name: full tensor})`` of a checkpoint, whatever layout saved it.
+
+    Reads every tensor whose key starts with ``prefix`` (default: the model's
+    parameters and buffers, without the optimizer state), assembled from its
+    TP/EP shards; names lose the prefix and are the names in a TP=1, EP=1
+    model. ``progress(n)``, if given, is called once per assembled tensor.
+    Raises ``UserError`` if ``path`` is not a complete checkpoint.
+    """
+    problem = validate_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is not usable: {problem}")
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    files: dict[str, dict] = {}
+
+    def shard_tensor(entry, key):
+        if entry["file"] not in files:
+            files[entry["file"]] = torch.load(os.path.join(path, entry["file"]),
+                                              map_location="cpu", mmap=True, weights_only=True)
+        return files[entry["file"]][key]
+
+    out = {}
+    for key, entries in meta["tensors"].items():
+        if key.startswith(prefix):
+            out[key[len(prefix):]] = _assemble(entries, key, shard_tensor)
+            if progress is not None:
+                progress(1)
+    return meta, out
 
 
 def validate_checkpoint(path: str) -> Optional[str]:

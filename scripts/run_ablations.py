@@ -4,9 +4,12 @@
     python scripts/run_ablations.py --steps 100 --nproc 2 --out runs/ablations
     python scripts/run_ablations.py --table-only          # re-read finished runs
 
-Each config runs through ``torchrun -m locmoe_train.train`` (skipped when its run
-directory already has a completed ``summary.json``, unless ``--force``). The
-table (Markdown on stdout, plus ``table.md`` and ``table.json`` in ``--out``):
+The configs run as one sweep (``locmoe_train.sweep``; the same set as
+``locmoe-train sweep configs/sweeps/routers.yaml``): one run directory per
+config in ``--out``, a finished run is skipped and an unfinished one resumes
+from its checkpoint, ``--force`` starts them again from scratch, and the
+sweep's own ``summary.md``/``summary.csv`` are written too. Then this table
+(Markdown on stdout, plus ``table.md`` and ``table.json`` in ``--out``):
 
 * train loss: the last logged training loss (mean over its log interval);
 * val loss: the last validation loss (token-choice routing at evaluation);
@@ -29,19 +32,15 @@ import argparse
 import glob
 import json
 import os
-import socket
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+from locmoe_train.errors import UserError  # noqa: E402
+
 DEFAULT_ORDER = ["baseline_top1_cf1.1", "locmoe_plus", "locmoe_plus_linear_decay",
                  "locmoe_plus_tcr_only", "locmoe_plus_ecr_only", "top2_dropless"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configs(pattern: str) -> list[str]:
@@ -50,20 +49,18 @@ def configs(pattern: str) -> list[str]:
     return sorted(found, key=lambda p: rank.get(os.path.basename(p)[:-5], len(rank)))
 
 
-def run(config: str, run_dir: str, nproc: int, extra: list[str], force: bool) -> None:
-    summary = os.path.join(run_dir, "summary.json")
-    if not force and os.path.exists(summary):
-        with open(summary) as f:
-            if json.load(f).get("outcome") == "completed":
-                print(f"[ablations] {run_dir}: already completed, skipping", flush=True)
-                return
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "-m", "locmoe_train.train", "--config", config, f"--logging.run_dir={run_dir}",
-           "--logging.console=false", *extra]
-    print(f"[ablations] running {os.path.basename(config)} -> {run_dir}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+def run_configs(paths: list[str], out: str, nproc: int, overrides: list[str], force: bool,
+                quiet: bool) -> int:
+    """Run ``paths`` as one sweep (one run per config); returns its exit status."""
+    from locmoe_train.config import parse_override_args
+    from locmoe_train.sweep import run_sweep
+    from locmoe_train.sweep.spec import build_sweep
+
+    spec = {"output_dir": out, "nproc": nproc,
+            "runs": [{"name": os.path.basename(p)[:-5], "config": os.path.abspath(p)}
+                     for p in paths]}
+    sweep = build_sweep(spec, "run_ablations", "ablations", REPO, parse_override_args(overrides))
+    return run_sweep(sweep, sweep.runs, force=force, quiet=quiet)
 
 
 def summarize(run_dir: str) -> dict:
@@ -130,24 +127,31 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/ablations")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="override train.max_steps")
-    ap.add_argument("--force", action="store_true", help="re-run completed runs")
+    ap.add_argument("--force", action="store_true", help="re-run completed runs from scratch")
+    ap.add_argument("--quiet", action="store_true", help="one line per run, not the training log")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("overrides", nargs="*", help="--section.key=value applied to every run")
     args, unknown = ap.parse_known_args(argv)
     extra = list(args.overrides) + unknown
     if args.steps is not None:
         extra.append(f"--train.max_steps={args.steps}")
+    paths = configs(args.configs)
+    status = 0
+    if not args.table_only:
+        try:
+            status = run_configs(paths, args.out, args.nproc, extra, args.force, args.quiet)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     rows = {}
-    for config in configs(args.configs):
+    for config in paths:
         name = os.path.basename(config)[:-5]
         run_dir = os.path.join(args.out, name)
-        if not args.table_only:
-            run(config, run_dir, args.nproc, extra, args.force)
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
             rows[name] = summarize(run_dir)
     if not rows:
         print("no finished runs to tabulate", file=sys.stderr)
-        return 1
+        return status or 1
     text = table(rows)
     print(text)
     os.makedirs(args.out, exist_ok=True)
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
         f.write(text + "\n")
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

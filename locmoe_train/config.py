@@ -220,6 +220,38 @@ class LoggingConfig:
 
 
 @dataclass
+class AdaKConfig:
+    """The Ada-K post-training stage (`locmoe-train adak`), METHOD.md section 7."""
+    # PPO steps (one batch of train.global_batch_size sequences each), after the warm start.
+    steps: int = 100
+    # Warm-start steps before PPO (0: none): cross-entropy of pi(k|s) to the top-p count.
+    warm_start_steps: int = 0
+    # Mean expert count the warm start's top-p threshold p* aims at; null = moe.top_k.
+    warm_start_mean_k: Optional[float] = None
+    # AdamW on the allocators only (constant learning rate).
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    # Max global gradient norm of the allocators; 0 disables clipping.
+    grad_clip: float = 1.0
+    # PPO: epochs over each rollout batch, ratio clip, per-layer discount, and
+    # lambda of the expected-k penalty lambda * sum_n n P(n).
+    ppo_epochs: int = 2
+    clip: float = 0.2
+    gamma: float = 1.0
+    k_penalty: float = 3e-3
+    # Validation (argmax k against top-K) every N steps (0: only at the end).
+    eval_interval: int = 50
+    log_interval: int = 10
+    # Stage checkpoints (allocators, optimizer, step, data position, RNG) every N
+    # steps (0: only at the end) under <out_dir>/checkpoints, keeping the last `keep`.
+    checkpoint_interval: int = 50
+    keep: int = 2
+    # null = start fresh; "auto" = latest valid stage checkpoint in out_dir (fresh if none); or a path.
+    resume: Optional[str] = None
+    out_dir: str = "runs/adak"
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -229,6 +261,7 @@ class TrainConfig:
     train: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    adak: AdaKConfig = field(default_factory=AdaKConfig)
 
     # ---- cross-field checks that need no process group -------------------
     def validate(self) -> "TrainConfig":
@@ -266,6 +299,7 @@ class TrainConfig:
         if etp < 1:
             raise UserError(f"parallel.etp={p.etp} must be >= 1 (or null for the default).")
         self._validate_moe_impl()
+        self._validate_adak()
         if moe.num_experts % p.ep:
             raise UserError(
                 f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}: "
@@ -360,6 +394,28 @@ class TrainConfig:
                             f"(or null for no limit).")
         if moe.router == "aux_free" and moe.bias_update_rate < 0:
             raise UserError(f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0.")
+
+    def _validate_adak(self) -> None:
+        a, E = self.adak, self.moe.num_experts
+        for key, value, low in [("steps", a.steps, 1), ("ppo_epochs", a.ppo_epochs, 1),
+                                ("log_interval", a.log_interval, 1), ("keep", a.keep, 1),
+                                ("warm_start_steps", a.warm_start_steps, 0),
+                                ("eval_interval", a.eval_interval, 0),
+                                ("checkpoint_interval", a.checkpoint_interval, 0)]:
+            if value < low:
+                raise UserError(f"adak.{key}={value} must be >= {low}.")
+        for key, value in [("lr", a.lr), ("clip", a.clip)]:
+            if value <= 0:
+                raise UserError(f"adak.{key}={value} must be > 0.")
+        for key, value in [("weight_decay", a.weight_decay), ("k_penalty", a.k_penalty),
+                           ("grad_clip", a.grad_clip)]:
+            if value < 0:
+                raise UserError(f"adak.{key}={value} must be >= 0.")
+        if not 0 < a.gamma <= 1:
+            raise UserError(f"adak.gamma={a.gamma} must lie in (0, 1] (1: no discount over layers).")
+        if a.warm_start_mean_k is not None and not 1 <= a.warm_start_mean_k <= E:
+            raise UserError(f"adak.warm_start_mean_k={a.warm_start_mean_k} must lie in "
+                            f"[1, moe.num_experts={E}] (or null for moe.top_k).")
 
     # ---- derived values ---------------------------------------------------
     @property

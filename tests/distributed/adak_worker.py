@@ -1,0 +1,113 @@
+"""torchrun worker for test_adak_ep.py: one LocMoELayer with an Ada-K allocator under EP.
+
+A fixed global input ``[G*s, b, D]`` is cut into G sequence shards (G = the
+world size of the parallel run). Rank r runs shard r; the 1-rank reference
+runs every shard in turn with the same weights. The per-token k is either a
+fixed pattern over the global tokens (``forced``) or sampled, with the
+allocator's generator seeded by the shard index (``sampled``), so both runs
+draw the same k for the same token. Per shard: a PPO loss on the recorded
+decisions (fixed advantages) gives the allocator gradient, and a projection
+of the output gives the input, router and expert gradients.
+Saved on rank 0: outputs, input gradients and k per shard, and the gradients
+summed over ranks (experts gathered over EP).
+
+usage: adak_worker.py OUT_DIR SCENARIO[,SCENARIO...]
+"""
+
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore")
+
+from locmoe_train.adak.allocator import AdaKRouter  # noqa: E402
+from locmoe_train.adak.ppo import ppo_loss  # noqa: E402
+from locmoe_train.config import load_config  # noqa: E402
+from locmoe_train.model.gpt import transformer_config  # noqa: E402
+from locmoe_train.model.init import init_parameters  # noqa: E402
+from locmoe_train.moe.layer import LocMoELayer  # noqa: E402
+from locmoe_train.parallel.state import destroy_parallel, init_parallel  # noqa: E402
+
+S, B, D, F, E = 8, 2, 32, 16, 4
+
+
+def run(scenario: str, out_dir: str, world: int) -> None:
+    overrides = [f"moe.num_experts={E}", "moe.top_k=2", f"model.hidden_size={D}",
+                 "model.num_attention_heads=4", f"data.seq_len={S}"]
+    if world > 1:
+        overrides.append(f"parallel.ep={world}")
+    cfg = load_config(None, overrides)
+    pctx = init_parallel(cfg.parallel, E, "cpu", 1)
+    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe,
+                        ffn_hidden_size=F, seq_len=S)
+    init_parameters(layer, cfg, pctx)
+    layer.router = AdaKRouter(layer.router, D)
+    layer.train()
+
+    shards = _shards()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        layer.router.base.weight.mul_(20.0)  # sharper router: varied expert choices
+        layer.router.alloc_weight.copy_(torch.randn(E, D, generator=gen))
+    x_full = torch.randn(S * shards, B, D, generator=gen)
+    proj = torch.randn(x_full.shape, generator=gen)
+    adv_full = torch.randn(S * shards * B, generator=gen)
+    pattern = torch.arange(S * shards * B) % E + 1  # k = 1..E over the global tokens
+    xs, projs = torch.chunk(x_full, shards), torch.chunk(proj, shards)
+    advs, ks = torch.chunk(adv_full, shards), torch.chunk(pattern, shards)
+
+    router = layer.router
+    router.mode = "forced" if scenario == "forced" else "sample"
+    calls = [pctx.rank] if world > 1 else list(range(shards))
+    outs, dxs, k_chosen = {}, {}, {}
+    for i in calls:
+        router.forced_k = ks[i]
+        router.generator = torch.Generator().manual_seed(100 + i)
+        x = xs[i].clone().requires_grad_(True)
+        out, _ = layer(x)
+        d = router.last
+        alloc_loss, _ = ppo_loss(router.log_policy(d.x_TD), d.k_T, d.logp_T, advs[i],
+                                 clip=0.2, k_penalty=3e-3, normalizer=float(adv_full.numel()))
+        ((out * projs[i]).sum() + alloc_loss).backward()
+        outs[i], dxs[i], k_chosen[i] = out.detach(), x.grad, d.k_T
+
+    grads = {"alloc": router.alloc_weight.grad.clone(), "router": router.base.weight.grad.clone(),
+             "w13": layer.experts.w13.grad.clone(), "w2": layer.experts.w2.grad.clone()}
+    if world > 1:
+        for key in ("alloc", "router"):
+            dist.all_reduce(grads[key])
+        for key in ("w13", "w2"):
+            parts = [torch.empty_like(grads[key]) for _ in range(pctx.ep)]
+            dist.all_gather(parts, grads[key].contiguous(), group=pctx.ep_group)
+            grads[key] = torch.cat(parts)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (outs, dxs, k_chosen))
+        for o, g, k in gathered:
+            outs.update(o)
+            dxs.update(g)
+            k_chosen.update(k)
+    counts = layer.stat_tokens_per_expert.clone()
+    if world > 1:
+        dist.all_reduce(counts)
+    if pctx.rank == 0:
+        torch.save({"out": [outs[i] for i in range(shards)], "dx": [dxs[i] for i in range(shards)],
+                    "k": [k_chosen[i] for i in range(shards)], "counts": counts, **grads},
+                   os.path.join(out_dir, f"{scenario}.pt"))
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def _shards() -> int:
+    return int(os.environ.get("SHARDS", os.environ.get("WORLD_SIZE", "1")))
+
+
+if __name__ == "__main__":
+    out_dir, names = sys.argv[1], sys.argv[2].split(",")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in names:
+        run(name, out_dir, world)
+    destroy_parallel()

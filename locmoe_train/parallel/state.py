@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -149,12 +148,6 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
                   seed: int = 1234) -> ParallelContext:
     """Start torch.distributed and megatron-core's parallel state."""
@@ -181,17 +174,20 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
         dev = torch.device("cpu")
 
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # plain `python -m` / console script, one process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
-        # After a torchrun restart (--max-restarts) the agent's store still holds
-        # the previous attempt's keys (gloo would connect to dead ranks' ports):
-        # give every attempt its own key space.
-        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size,
-                                                       timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"locmoe/attempt_{attempt}/", store)
+        if "MASTER_ADDR" not in os.environ and world_size == 1:
+            # Plain `python -m` / console script / in-process use: an in-memory
+            # store, so no port is taken and no launcher variable leaks into
+            # the environment of processes started later.
+            store = dist.HashStore()
+        else:
+            # After a torchrun restart (--max-restarts) the agent's store still
+            # holds the previous attempt's keys (gloo would connect to dead
+            # ranks' ports): give every attempt its own key space.
+            store, rank, world_size = next(dist.rendezvous("env://", rank, world_size,
+                                                           timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"locmoe/attempt_{attempt}/", store)
         dist.init_process_group(
             backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
             device_id=dev if use_cuda else None)

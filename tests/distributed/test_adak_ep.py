@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, free_port, run_script
+from helpers import REPO, run_script
 
 WORKER = os.path.join(os.path.dirname(__file__), "adak_worker.py")
 SCENARIOS = ["forced", "sampled"]
@@ -22,9 +22,7 @@ def results(tmp_path_factory):
     par, ref = tmp_path_factory.mktemp("par"), tmp_path_factory.mktemp("ref")
     r = run_script(WORKER, 2, [str(par), ",".join(SCENARIOS)])
     assert r.returncode == 0, r.stderr[-3000:]
-    # A fresh port: an in-process init_parallel earlier in the session leaves its
-    # MASTER_PORT (still bound) in os.environ.
-    env = dict(os.environ, SHARDS="2", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    env = dict(os.environ, SHARDS="2", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, WORKER, str(ref), ",".join(SCENARIOS)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

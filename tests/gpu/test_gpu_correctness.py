@@ -72,3 +72,31 @@ def test_grouped_experts_match_reference_on_gpu():
     assert got.dtype == torch.bfloat16
     err = (got.float().cpu() - want).abs().max() / want.abs().max()
     assert err < 2e-2, err
+
+
+def test_padded_locmoe_plus_step_has_no_host_sync(megatron_reset):
+    """LocMoE+ with a capacity, pad_to_capacity and grouped experts: static
+    shapes, so a training forward and backward never wait on the GPU (the
+    precondition for CUDA graphs / torch.compile without graph breaks)."""
+    from locmoe_train.model.gpt import build_model, causal_mask
+    from locmoe_train.parallel.state import init_parallel
+
+    cfg = load_config(None, TINY + ["moe.router=locmoe_plus", "moe.top_k=1",
+                                    "moe.pad_to_capacity=true", "moe.experts=grouped",
+                                    "moe.capacity.policy=fixed", "moe.capacity.factor0=0.8",
+                                    "train.device=cuda"])
+    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cuda", cfg.train.seed)
+    model = build_model(cfg, pctx, 512, torch.bfloat16)
+    tokens = torch.randint(0, 512, (4, 64), device="cuda")
+    labels = torch.randint(0, 512, (4, 64), device="cuda")
+    pos = torch.arange(64, device="cuda")[None].expand(4, 64)
+    mask = causal_mask(64, "cuda")
+    for sync_mode in ("default", "error"):  # warm-up (lazy inits), then checked
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(tokens, pos, mask, labels=labels).float().mean()
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

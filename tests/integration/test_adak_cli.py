@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import free_port, read_metrics, run_cli
+from helpers import read_metrics, run_cli
 
 TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
         "--moe.num_experts=4", "--moe.top_k=2", "--data.seq_len=32", "--parallel.ep=1",
@@ -24,21 +24,14 @@ def pretrained(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("pre")
     r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
                  "--train.max_steps=6", f"--logging.run_dir={root}/run",
-                 f"--checkpoint.dir={root}/ckpt"], env=_fresh_port())
+                 f"--checkpoint.dir={root}/ckpt"])
     assert r.returncode == 0, r.stderr[-3000:]
     return str(root / "ckpt")
 
 
-def _fresh_port() -> dict:
-    # An in-process init_parallel earlier in the session (unit tests) leaves its
-    # MASTER_PORT in os.environ, still bound: a 1-process CLI run must not inherit it.
-    return {"MASTER_PORT": str(free_port())}
-
-
 def _stage(tiny_data, ckpt, out, extra):
     return run_cli(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint", ckpt,
-                    *TINY, f"--data.path={tiny_data}", *STAGE, f"--adak.out_dir={out}", *extra],
-                   env=_fresh_port())
+                    *TINY, f"--data.path={tiny_data}", *STAGE, f"--adak.out_dir={out}", *extra])
 
 
 def _allocators(out, step):

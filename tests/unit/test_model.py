@@ -111,3 +111,22 @@ def test_compat_patches():
         assert torch.cuda.current_device() == torch.device("cpu")
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
+
+
+def test_single_process_init_leaves_no_launcher_variables(megatron_reset, monkeypatch):
+    """In-process use (tests, notebooks) must not leave MASTER_ADDR/PORT behind: a
+    process started later would inherit a port that is still bound."""
+    import os
+
+    import torch.distributed as dist
+
+    from locmoe_train.parallel.state import init_parallel
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_config(None, [])
+    init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    assert torch.equal(t, torch.ones(3))
+    assert "MASTER_ADDR" not in os.environ and "MASTER_PORT" not in os.environ

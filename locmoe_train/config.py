@@ -370,9 +370,12 @@ class TrainConfig:
         if moe.router == "hash" and moe.top_k != 1:
             raise UserError(f"moe.router=hash sends each token to one expert: set moe.top_k=1 "
                             f"(got {moe.top_k}).")
-        if moe.pad_to_capacity and (moe.capacity_factor is None or moe.router != "topk"):
-            raise UserError("moe.pad_to_capacity=true needs moe.router=topk with a "
-                            "moe.capacity_factor (dropless routing has no capacity to pad to).")
+        if moe.pad_to_capacity and not (
+                (moe.router == "topk" and moe.capacity_factor is not None)
+                or (moe.router == "locmoe_plus" and moe.locmoe.mode != "tcr")):
+            raise UserError("moe.pad_to_capacity=true needs a capacity to pad to: moe.router=topk "
+                            "with a moe.capacity_factor, or moe.router=locmoe_plus with "
+                            "moe.locmoe.mode tcr_ecr or ecr (dropless routing has none).")
         if moe.router == "locmoe_plus" and moe.capacity_factor is not None:
             raise UserError(
                 f"moe.capacity_factor={moe.capacity_factor} does not apply to "

@@ -63,7 +63,8 @@ def transformer_config(cfg: TrainConfig, pctx: ParallelContext, precision: torch
         moe_token_dispatcher_type=moe.dispatcher,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_token_drop_policy=moe.drop_policy,
-        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+        # Read by megatron's own MoE layer only (ours takes it from moe_cfg).
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity and moe.impl == "megatron",
         # Softmax over all experts, then top-k (Switch/GShard) unless renormalised.
         moe_router_pre_softmax=not moe.renormalize,
         moe_grouped_gemm=False,

@@ -13,7 +13,8 @@ Two layouts:
   from the routing, so one small count exchange and one host sync per layer.
 * padded (``moe.pad_to_capacity``): every expert gets exactly C slots
   (empty ones point at a zero row), so every shape is static and no host
-  sync is needed.
+  sync is needed. A routing without a capacity (LocMoE+ at evaluation,
+  where tokens choose) falls back to the dropless layout.
 
 Edge cases that must work: experts that receive no token, ranks that send
 or receive nothing, tokens routed to no expert (dropped: output 0).
@@ -80,19 +81,27 @@ class AllToAllDispatcher:
             self.traffic[k] = 0
         return out
 
+    def _padded(self, routing: RoutingResult) -> bool:
+        return self.pad and routing.capacity is not None
+
     # ---- local permutation ----------------------------------------------------
     def _permute(self, routing: RoutingResult):
         map_TE = routing.routing_map_TE
         T, E = map_TE.shape
-        if self.pad:
+        if self._padded(routing):
             C = routing.capacity
+            dev = map_TE.device
             pos_TE = torch.cumsum(map_TE.to(torch.int64), dim=0) - 1
-            slot_TE = torch.arange(E, device=map_TE.device) * C + pos_TE
-            token_idx_S = torch.full((E * C,), T, dtype=torch.int64, device=map_TE.device)
-            token_TE = torch.arange(T, device=map_TE.device)[:, None].expand(T, E)
-            token_idx_S[slot_TE[map_TE]] = token_TE[map_TE]
-            expert_S = torch.arange(E, device=map_TE.device).repeat_interleave(C)
-            counts_E = torch.full((E,), C, dtype=torch.int64, device=map_TE.device)
+            # Routed pairs go to their slot, the others to one extra slot at E*C
+            # that is cut off: a scatter of fixed size, so no data-dependent
+            # shape and no host sync (boolean-mask indexing would need both).
+            slot_TE = torch.where(map_TE, torch.arange(E, device=dev) * C + pos_TE, E * C)
+            token_TE = torch.arange(T, device=dev)[:, None].expand(T, E)
+            token_idx_S = torch.full((E * C + 1,), T, dtype=torch.int64, device=dev)
+            token_idx_S.scatter_(0, slot_TE.reshape(-1), token_TE.reshape(-1))
+            token_idx_S = token_idx_S[:E * C]
+            expert_S = torch.arange(E, device=dev).repeat_interleave(C)
+            counts_E = torch.full((E,), C, dtype=torch.int64, device=dev)
         else:
             expert_S, token_idx_S = map_TE.t().nonzero(as_tuple=True)
             counts_E = map_TE.sum(0)
@@ -103,7 +112,8 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult):
         T = x_TD.shape[0]
         token_idx_S, gate_S, counts_E = self._permute(routing)
-        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])]) if self.pad else x_TD
+        padded = self._padded(routing)
+        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])]) if padded else x_TD
         x_SD = x_pad[token_idx_S]
         meta = DispatchMeta(T, token_idx_S, gate_S)
         if self.ep_size == 1:
@@ -111,7 +121,7 @@ class AllToAllDispatcher:
 
         P, L = self.ep_size, self.num_local
         send_PL = counts_E.view(P, L)
-        if self.pad:
+        if padded:
             recv_PL = send_PL  # every rank sends C rows per expert
         else:
             recv_PL = torch.empty_like(send_PL)

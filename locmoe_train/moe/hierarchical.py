@@ -94,7 +94,8 @@ class HierarchicalDispatcher(AllToAllDispatcher):
         if not self.active:
             return super().dispatch(x_TD, routing)
         token_idx_S, gate_S, counts_E = self._permute(routing)
-        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])]) if self.pad else x_TD
+        x_pad = (torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])]) if self._padded(routing)
+                 else x_TD)
         x_SD = x_pad[token_idx_S]
         dev = x_TD.device
         node_pos, local = self.ep_node_pos.to(dev), self.ep_local.to(dev)

@@ -97,6 +97,14 @@ class LocMoEPlusRouter(Router):
             else:
                 candidates_TE = selected_TE
             kept_TE = self._expert_choice(candidates_TE, delta_TE, capacity)
+            if self.cfg.pad_to_capacity:
+                # The padded dispatcher gives every expert exactly `capacity` rows on
+                # this rank. Ranked over the SP group, an expert may take up to the
+                # group's C from one rank's tokens: pad to that bound. The cut below
+                # only binds on exactly tied affinities at the group's threshold.
+                if self.lcfg.ranking == "global" and self.sp_size > 1:
+                    capacity = min(T, self.controller.local_capacity(T * self.sp_size))
+                kept_TE = drop_over_capacity(kept_TE, delta_TE, capacity, "probs")
         if self.training:
             self.controller.observe(delta_TE.detach(), top_TK[:, 0])
         return RoutingResult(kept_TE, probs_TE * kept_TE, delta_TE, requested_slots=requested,

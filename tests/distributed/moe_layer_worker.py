@@ -45,6 +45,13 @@ SCENARIOS = {
                           "moe.capacity.factor0=0.5"]),
     "ep_locmoe": (["parallel.ep={world}"], "ep",
                   ["moe.router=locmoe_plus", "moe.capacity.factor0=0.5"]),
+    # The same two with static shapes (every expert padded to its capacity).
+    "tp_locmoe_global_padded": (["parallel.tp={world}"], "tp",
+                                ["moe.router=locmoe_plus", "moe.locmoe.ranking=global",
+                                 "moe.capacity.factor0=0.5", "moe.pad_to_capacity=true"]),
+    "ep_locmoe_padded": (["parallel.ep={world}"], "ep",
+                         ["moe.router=locmoe_plus", "moe.capacity.factor0=0.5",
+                          "moe.pad_to_capacity=true"]),
 }
 
 

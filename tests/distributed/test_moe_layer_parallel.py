@@ -1,6 +1,7 @@
 """Our MoE layer under EP=2, EP=4 and TP=2 (gloo) equals one rank: outputs and gradients.
 
-Covers token dropping (capacity, with and without padding to capacity),
+Covers token dropping (capacity, with and without padding to capacity, for
+top-k and LocMoE+),
 expert choice, an expert that receives no token and EP ranks that receive
 no token. See moe_layer_worker.py for the layout of the comparison.
 """
@@ -16,7 +17,8 @@ from helpers import REPO, run_script
 
 WORKER = os.path.join(os.path.dirname(__file__), "moe_layer_worker.py")
 TWO_RANK = ["ep", "ep_capacity", "ep_padded", "ep_empty_expert", "ep_empty_rank",
-            "ep_expert_choice", "tp", "tp_locmoe_global", "ep_locmoe"]
+            "ep_expert_choice", "tp", "tp_locmoe_global", "ep_locmoe",
+            "tp_locmoe_global_padded", "ep_locmoe_padded"]
 FOUR_RANK = ["ep", "ep_capacity", "ep_empty_rank"]
 
 

@@ -91,7 +91,10 @@ def test_dump_round_trip(tmp_path):
     ({"moe": {"impl": "megatron", "router": "expert_choice"}},
      "moe.router='expert_choice' needs moe.impl=locmoe"),
     ({"moe": {"pad_to_capacity": True}},
-     "moe.pad_to_capacity=true needs moe.router=topk with a moe.capacity_factor"),
+     "moe.pad_to_capacity=true needs a capacity to pad to: moe.router=topk with a "
+     "moe.capacity_factor, or moe.router=locmoe_plus with moe.locmoe.mode tcr_ecr or ecr"),
+    ({"moe": {"pad_to_capacity": True, "router": "locmoe_plus", "locmoe": {"mode": "tcr"}}},
+     "moe.pad_to_capacity=true needs a capacity to pad to"),
     ({"parallel": {"tp": 2, "etp": 2}},
      "moe.impl=locmoe keeps whole experts on each rank (expert tensor parallel 1), but "
      "parallel.etp=2"),

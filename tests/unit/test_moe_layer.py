@@ -379,3 +379,58 @@ def test_layer_without_aux_terms_has_no_aux_loss(megatron_reset):
     routing = _routing(layer, x)
     assert layer.stat_unrouted.item() == int((~routing.routing_map_TE.any(-1)).sum())
     assert layer.stat_requested_slots.item() == routing.requested_slots == 3 * E
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("mode", ["tcr_ecr", "ecr"])
+def test_locmoe_plus_padded_equals_dropless_layout(megatron_reset, mode, impl):
+    """LocMoE+ with pad_to_capacity: every expert gets exactly C rows (static
+    shapes); outputs and all gradients equal the variable layout and the dense
+    reference, in training (capacity binds) and at evaluation (token choice,
+    no capacity: the padded dispatcher falls back to the variable layout)."""
+    from locmoe_train.config import load_config
+    from locmoe_train.model.gpt import transformer_config
+    from locmoe_train.moe.layer import LocMoELayer
+    from locmoe_train.parallel.state import init_parallel
+
+    base = [f"moe.num_experts={E}", f"model.hidden_size={D}", "model.num_attention_heads=2",
+            f"moe.ffn_hidden_size={FFN}", f"moe.experts={impl}", "moe.router=locmoe_plus",
+            "moe.top_k=1", f"moe.locmoe.mode={mode}", "moe.capacity.factor0=0.5"]
+    cfgs = [load_config(None, base + [f"moe.pad_to_capacity={p}"]) for p in ("false", "true")]
+    pctx = init_parallel(cfgs[0].parallel, E, "cpu", 0)
+    config = transformer_config(cfgs[0], pctx, torch.float32)
+    layers = []
+    for cfg in cfgs:
+        # seq_len S: C0 = ceil(0.5 * 4 * 1 / 4) = 1 per sequence, 3 per expert for 3 sequences.
+        layer = LocMoELayer(config, cfg.moe, ffn_hidden_size=FFN, seq_len=S)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        layers.append(layer)
+    dropless, padded = layers
+    for training in (True, False):
+        outs, grads = [], []
+        for layer in layers:
+            layer.train(training)
+            x = _input(requires_grad=True)
+            out, _ = layer(x)
+            out.pow(2).sum().backward()
+            outs.append(out)
+            grads.append([x.grad] + [p.grad.clone() for p in layer.parameters()])
+            layer.zero_grad()
+        routing = _routing(padded, x)
+        if training:
+            assert routing.capacity == 3
+            counts = routing.routing_map_TE.sum(0)
+            if mode == "tcr_ecr":  # some experts over C (drops), some under (padding rows)
+                assert (counts <= 3).all() and counts.sum() < 3 * E
+            else:  # expert choice over all tokens fills every expert's C slots
+                assert torch.equal(counts, torch.full((E,), 3))
+        else:
+            assert routing.capacity is None and routing.routing_map_TE.sum() == T
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        for a, b in zip(grads[1], grads[0]):
+            torch.testing.assert_close(a, b, **TOL)
+        ref = dense_reference(padded, x.detach().reshape(T, D), routing)
+        torch.testing.assert_close(outs[1].detach().reshape(T, D), ref, **TOL)

@@ -65,10 +65,12 @@ VARIANTS = {
     "locmoe": ["moe.impl=locmoe"],
     "top2_dropless": ["moe.impl=locmoe", "moe.router=topk", "moe.top_k=2",
                       "moe.capacity_factor=null"],
+    # The two capacity-bounded variants use the padded (static-shape, sync-free) layout.
     "top1_cf1.1": ["moe.impl=locmoe", "moe.router=topk", "moe.top_k=1",
-                   "moe.capacity_factor=1.1", "moe.pad_to_capacity=false"],
+                   "moe.capacity_factor=1.1", "moe.pad_to_capacity=true"],
     "locmoe_plus": ["moe.impl=locmoe", "moe.router=locmoe_plus", "moe.top_k=1",
-                    "moe.capacity.policy=fixed", "moe.capacity.factor0=0.66"],
+                    "moe.capacity.policy=fixed", "moe.capacity.factor0=0.66",
+                    "moe.pad_to_capacity=true"],
 }
 
 

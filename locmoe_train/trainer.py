@@ -126,6 +126,8 @@ class Trainer:
                 print(f"saved checkpoint {path}", flush=True)
 
     def _agree_to_stop(self) -> bool:
+        if self.pctx.world_size == 1:  # nobody to agree with: no device tensor, no host sync
+            return self.stop.signum is not None
         flag = torch.tensor([1 if self.stop.signum is not None else 0], dtype=torch.int32,
                             device=self.pctx.device)
         if self.pctx.world_size > 1:

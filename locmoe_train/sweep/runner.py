@@ -29,7 +29,7 @@ from typing import Optional
 
 from locmoe_train.config import dump_config
 from locmoe_train.errors import UserError
-from locmoe_train.sweep.spec import Run, Sweep
+from locmoe_train.sweep.spec import Run, Sweep, flatten_dict
 
 RECORD = "sweep_run.json"
 # Config keys that do not change what a run computes: editing them never
@@ -57,22 +57,13 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 def config_changes(started: dict, now: dict) -> list[str]:
     """Keys whose value differs between the config a run started with and the current one.
 
     Keys present on one side only are ignored: they come from a newer or older
     version of the schema, not from the sweep."""
-    a, b = _flat(started), _flat(now)
+    a, b = flatten_dict(started), flatten_dict(now)
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
             if k in b and k not in IGNORED_KEYS and a[k] != b[k]]
 

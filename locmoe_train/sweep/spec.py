@@ -246,11 +246,11 @@ def _derived_name(settings: dict[str, Any], short: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]+", "", "_".join(parts).replace("/", "-"))
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten_dict(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -261,7 +261,7 @@ def _varying_keys(runs: list[Run]) -> list[str]:
     any other key whose resolved value differs between runs (e.g. set by a run's
     own config file), in schema order."""
     keys = list(dict.fromkeys(k for r in runs for k in r.settings))
-    flat = [_flat(r.cfg.to_dict()) for r in runs]
+    flat = [flatten_dict(r.cfg.to_dict()) for r in runs]
     per_run = {"logging.run_dir", "checkpoint.dir"}
     for key in flat[0]:
         if key not in keys and key not in per_run and len({repr(f.get(key)) for f in flat}) > 1:

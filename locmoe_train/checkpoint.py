@@ -67,14 +67,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _save_file(obj, path: str) -> None:
+def save_synced(obj, path: str) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _barrier(pctx: ParallelContext) -> None:
+def barrier(pctx: ParallelContext) -> None:
     if pctx.world_size > 1:
         dist.barrier()
 
@@ -85,6 +85,76 @@ def _owned(info: ShardInfo, pctx: ParallelContext) -> bool:
     return pctx.dp_rank == 0
 
 
+# ---- step directories: shared by pre-training and the Ada-K stage -------------------
+# A checkpoint directory holds complete `step_NNNNNNNN/` directories, at most one
+# `step_*.tmp/` being written, and a `latest` file naming the newest complete one.
+
+def begin_step_dir(ckpt_dir: str, step: int, pctx: ParallelContext) -> tuple[str, str]:
+    """Rank 0 makes an empty ``step_N.tmp``; every rank gets ``(tmp, final)`` after a barrier."""
+    final = os.path.join(ckpt_dir, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if pctx.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(pctx)
+    return tmp, final
+
+
+def publish_step_dir(ckpt_dir: str, tmp: str, final: str, meta: dict, keep: int) -> None:
+    """Rank 0, after every file is in ``tmp``: write meta.json last (it marks the
+    checkpoint complete), rename ``tmp`` to ``final``, point ``latest`` at it and
+    delete all but the newest ``keep``. Each step is fsynced, so a crash at any
+    point leaves the previous checkpoint intact and ``latest`` valid."""
+    meta = dict(meta, files={f: os.path.getsize(os.path.join(tmp, f))
+                             for f in sorted(os.listdir(tmp))})
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    latest_tmp = os.path.join(ckpt_dir, "latest.tmp")
+    with open(latest_tmp, "w") as f:
+        f.write(os.path.basename(final) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
+    done = sorted(d for d in os.listdir(ckpt_dir)
+                  if d.startswith("step_") and not d.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def find_resume(resume: Optional[str], ckpt_dir: str, key: str, validate,
+                warn: bool = False) -> Optional[str]:
+    """``resume`` (the value of config key ``key``): None = fresh start; "auto" = the
+    newest valid ``step_*`` in ``ckpt_dir`` (None if there is none); else a path,
+    which must be valid. ``validate(path)`` returns None or what is wrong."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        problem = validate(resume)
+        if problem:
+            raise UserError(f"{key}={resume!r}: {problem}")
+        return resume
+    if not os.path.isdir(ckpt_dir):
+        return None
+    for name in sorted(os.listdir(ckpt_dir), reverse=True):
+        path = os.path.join(ckpt_dir, name)
+        if not name.startswith("step_") or name.endswith(".tmp"):
+            continue
+        problem = validate(path)
+        if problem is None:
+            return path
+        if warn:
+            print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    return None
+
+
 class Checkpointer:
     def __init__(self, cfg: TrainConfig, pctx: ParallelContext):
         self.cfg, self.pctx = cfg, pctx
@@ -93,13 +163,7 @@ class Checkpointer:
     # ---- save -------------------------------------------------------------
     def save(self, step: int, model, optimizer, loader, moe_stats) -> str:
         pctx, cfg = self.pctx, self.cfg
-        final = os.path.join(self.dir, f"step_{step:08d}")
-        tmp = final + ".tmp"
-        if pctx.is_main:
-            os.makedirs(self.dir, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier(pctx)
+        tmp, final = begin_step_dir(self.dir, step, pctx)
 
         tensors, index = {}, {}
         params = dict(model.named_parameters())
@@ -122,81 +186,40 @@ class Checkpointer:
                               "size": info.size,
                               "glu": info.glu, "shape": list(value.shape)}
         shard_file = f"shards_rank{pctx.rank:05d}.pt"
-        _save_file(tensors, os.path.join(tmp, shard_file))
+        save_synced(tensors, os.path.join(tmp, shard_file))
         if os.environ.get("LOCMOE_TEST_SLOW_SAVE"):  # tests kill -9 a save half-way
             import time
 
             time.sleep(float(os.environ["LOCMOE_TEST_SLOW_SAVE"]))
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        _save_file(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
+        save_synced(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
         if self.pctx.world_size > 1:
             gathered = [None] * pctx.world_size
             dist.all_gather_object(gathered, (shard_file, index))
         else:
             gathered = [(shard_file, index)]
         if pctx.is_main:
-            _save_file({"step": step, "loader": loader.state_dict(),
+            save_synced({"step": step, "loader": loader.state_dict(),
                         "moe": moe_stats.state_dict() if moe_stats is not None else {}},
                        os.path.join(tmp, "trainer.pt"))
             shards: dict[str, list] = {}
             for file, idx in gathered:
                 for key, info in idx.items():
                     shards.setdefault(key, []).append({"file": file, **info})
-            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
             meta = {"format": FORMAT, "step": step, "version": _version(),
                     "config": cfg.to_dict(), "layout": pctx.describe(),
                     "world_size": pctx.world_size, "tp": pctx.tp, "ep": pctx.ep,
-                    "dp": pctx.dp, "files": files, "tensors": shards}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            latest_tmp = os.path.join(self.dir, "latest.tmp")
-            with open(latest_tmp, "w") as f:
-                f.write(os.path.basename(final) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(latest_tmp, os.path.join(self.dir, "latest"))
-            self._prune()
-        _barrier(pctx)
+                    "dp": pctx.dp, "tensors": shards}
+            publish_step_dir(self.dir, tmp, final, meta, cfg.checkpoint.keep)
+        barrier(pctx)
         return final
-
-    def _prune(self) -> None:
-        done = sorted(d for d in os.listdir(self.dir)
-                      if d.startswith("step_") and not d.endswith(".tmp"))
-        for old in done[:-self.cfg.checkpoint.keep]:
-            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
 
     # ---- find ---------------------------------------------------------------
     def resolve_resume(self) -> Optional[str]:
         """The checkpoint to resume from, or None for a fresh start."""
-        resume = self.cfg.checkpoint.resume
-        if resume is None:
-            return None
-        if resume != "auto":
-            problem = validate_checkpoint(resume)
-            if problem:
-                raise UserError(f"checkpoint.resume={resume!r}: {problem}")
-            return resume
-        if not os.path.isdir(self.dir):
-            return None
-        for name in sorted(os.listdir(self.dir), reverse=True):
-            path = os.path.join(self.dir, name)
-            if not name.startswith("step_") or name.endswith(".tmp"):
-                continue
-            problem = validate_checkpoint(path)
-            if problem is None:
-                return path
-            if self.pctx.is_main:
-                print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr,
-                      flush=True)
-        return None
+        return find_resume(self.cfg.checkpoint.resume, self.dir, "checkpoint.resume",
+                           validate_checkpoint, warn=self.pctx.is_main)
 
     # ---- load ---------------------------------------------------------------
     def load(self, path: str, model, optimizer, loader, moe_stats) -> int:
@@ -305,8 +328,9 @@ def read_full_tensors(path: str, prefix: str = "model/", progress=None) -> tuple
     return meta, out
 
 
-def validate_checkpoint(path: str) -> Optional[str]:
-    """None if ``path`` is a complete checkpoint, else what is wrong with it."""
+def validate_checkpoint(path: str, kind: Optional[str] = None) -> Optional[str]:
+    """None if ``path`` is a complete checkpoint of ``kind`` (None: pre-training,
+    "adak": an Ada-K stage), else what is wrong with it."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isdir(path):
         return "no such directory"
@@ -319,6 +343,10 @@ def validate_checkpoint(path: str) -> Optional[str]:
         return f"meta.json is unreadable ({e})"
     if meta.get("format") != FORMAT:
         return f"unknown checkpoint format {meta.get('format')!r}"
+    if meta.get("kind") != kind:
+        return {None: "an Ada-K stage checkpoint, not a pre-training one (give it as adak.resume)",
+                "adak": "not an Ada-K stage checkpoint (pre-training checkpoints go to "
+                        "--checkpoint)"}.get(kind, f"not a {kind} checkpoint")
     for file, size in meta["files"].items():
         full = os.path.join(path, file)
         if not os.path.exists(full):

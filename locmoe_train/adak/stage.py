@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import time
 import zlib
 
@@ -48,9 +47,10 @@ import torch.distributed as dist
 from locmoe_train.adak.allocator import install_allocators, set_mode
 from locmoe_train.adak.ppo import (advantages, p_grid, pick_p_star, ppo_loss, top_p_count_sums,
                                    top_p_counts, warm_start_loss)
+from locmoe_train.checkpoint import (FORMAT, barrier, begin_step_dir, find_resume,
+                                     publish_step_dir, save_synced, validate_checkpoint)
 from locmoe_train.errors import UserError
 
-FORMAT = 1
 
 
 def check_supported(cfg) -> None:
@@ -359,67 +359,30 @@ class AdaKStage:
     # ---- checkpoints --------------------------------------------------------------------
     def save(self) -> str:
         pctx = self.pctx
-        final = os.path.join(self.ckpt_dir, f"step_{self.step:08d}")
-        tmp = final + ".tmp"
-        if pctx.is_main:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier(pctx)
+        tmp, final = begin_step_dir(self.ckpt_dir, self.step, pctx)
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                "routers": [r.generator.get_state() for r in self.routers]}
-        _save(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
-        _barrier(pctx)
+        save_synced(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
+        barrier(pctx)
         if pctx.is_main:
             # The allocators and their AdamW state are identical on every rank.
             state = {"step": self.step, "loader": self.loader.state_dict(),
                      "allocators": {l: r.alloc_weight.detach().cpu()
                                     for l, r in zip(self.layers, self.routers)},
                      "optimizer": self.optimizer.state_dict()}
-            _save(state, os.path.join(tmp, "state.pt"))
-            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+            save_synced(state, os.path.join(tmp, "state.pt"))
             meta = {"format": FORMAT, "kind": "adak", "step": self.step,
                     "base_checkpoint": os.path.abspath(self.base_path),
                     "world_size": pctx.world_size, "layout": pctx.describe(),
-                    "config": self.cfg.to_dict(), "files": files}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            latest_tmp = os.path.join(self.ckpt_dir, "latest.tmp")
-            with open(latest_tmp, "w") as f:
-                f.write(os.path.basename(final) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(latest_tmp, os.path.join(self.ckpt_dir, "latest"))
-            done = sorted(d for d in os.listdir(self.ckpt_dir)
-                          if d.startswith("step_") and not d.endswith(".tmp"))
-            for old in done[:-self.cfg.adak.keep]:
-                shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
-        _barrier(pctx)
+                    "config": self.cfg.to_dict()}
+            publish_step_dir(self.ckpt_dir, tmp, final, meta, self.cfg.adak.keep)
+        barrier(pctx)
         return final
 
     def resolve_resume(self) -> str | None:
-        resume = self.cfg.adak.resume
-        if resume is None:
-            return None
-        if resume != "auto":
-            problem = validate_stage_checkpoint(resume)
-            if problem:
-                raise UserError(f"adak.resume={resume!r}: {problem}")
-            return resume
-        if not os.path.isdir(self.ckpt_dir):
-            return None
-        for name in sorted(os.listdir(self.ckpt_dir), reverse=True):
-            path = os.path.join(self.ckpt_dir, name)
-            if name.startswith("step_") and not name.endswith(".tmp"):
-                if validate_stage_checkpoint(path) is None:
-                    return path
-        return None
+        return find_resume(self.cfg.adak.resume, self.ckpt_dir, "adak.resume",
+                           validate_stage_checkpoint)
 
     def load(self, path: str) -> None:
         pctx = self.pctx
@@ -519,37 +482,9 @@ class AdaKStage:
         return summary
 
 
-def _barrier(pctx) -> None:
-    if pctx.world_size > 1:
-        dist.barrier()
-
-
-def _save(obj, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def validate_stage_checkpoint(path: str) -> str | None:
     """None if ``path`` is a complete Ada-K stage checkpoint, else what is wrong with it."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isdir(path):
-        return "no such directory"
-    if not os.path.exists(meta_path):
-        return "meta.json is missing (the save did not finish)"
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        return f"meta.json is unreadable ({e})"
-    if meta.get("kind") != "adak" or meta.get("format") != FORMAT:
-        return "not an Ada-K stage checkpoint (pre-training checkpoints go to --checkpoint)"
-    for file, size in meta["files"].items():
-        full = os.path.join(path, file)
-        if not os.path.exists(full) or os.path.getsize(full) != size:
-            return f"{file} is missing or truncated"
-    return None
+    return validate_checkpoint(path, kind="adak")
 
 
 def main(argv: list[str]) -> int:

@@ -50,6 +50,19 @@ class StopRequested:
         self.signum = signum
 
 
+def agree_to_stop(stop: StopRequested, pctx: ParallelContext) -> bool:
+    """True on every rank if any rank was signalled (then ``stop.signum`` is set everywhere)."""
+    if pctx.world_size == 1:  # nobody to agree with: no device tensor, no host sync
+        return stop.signum is not None
+    flag = torch.tensor([1 if stop.signum is not None else 0], dtype=torch.int32,
+                        device=pctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stopping = bool(flag.item())
+    if stopping and stop.signum is None:
+        stop.signum = signal.SIGTERM  # another rank was signalled
+    return stopping
+
+
 def _crash_for_tests(step: int, rank: int) -> None:
     """``LOCMOE_TEST_CRASH=STEP:RANK:MARKER`` kills that rank after that step, once
     (the marker file records that it happened). Lets tests exercise torchrun restarts."""
@@ -126,15 +139,7 @@ class Trainer:
                 print(f"saved checkpoint {path}", flush=True)
 
     def _agree_to_stop(self) -> bool:
-        if self.pctx.world_size == 1:  # nobody to agree with: no device tensor, no host sync
-            return self.stop.signum is not None
-        flag = torch.tensor([1 if self.stop.signum is not None else 0], dtype=torch.int32,
-                            device=self.pctx.device)
-        if self.pctx.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.stop.signum is None:
-            self.stop.signum = signal.SIGTERM  # another rank was signalled
-        return bool(flag.item())
+        return agree_to_stop(self.stop, self.pctx)
 
     # ---- reductions and records ---------------------------------------------
     def _log_train(self, acc, metrics, n_steps: int, elapsed: float) -> None:

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import time
 import zlib
 
@@ -446,7 +447,11 @@ class AdaKStage:
             if sink is not None:
                 sink.write(record)
 
-        last_eval = None
+        from locmoe_train.trainer import StopRequested, agree_to_stop
+
+        last_eval, outcome = None, "completed"
+        stop = StopRequested()  # SIGINT/SIGTERM: every rank stops after the same step, saved
+        stop.install()
         try:
             acc, n_acc, phase_of_acc = {}, 0, None
             while self.step < self.total_steps:
@@ -458,24 +463,31 @@ class AdaKStage:
                     acc[k] = acc[k] + v if k in acc else v.clone()
                 n_acc, phase_of_acc = n_acc + 1, phase
                 last = self.step == self.total_steps
-                if (self.step % a.log_interval == 0 or last or self.step == a.warm_start_steps):
+                stopping = agree_to_stop(stop, pctx)
+                if (self.step % a.log_interval == 0 or last or stopping
+                        or self.step == a.warm_start_steps):
                     emit(self._record(phase_of_acc, acc, n_acc))
                     acc, n_acc = {}, 0
                 if (a.eval_interval and self.step % a.eval_interval == 0) or last:
                     last_eval = self.evaluate()
                     emit(last_eval)
-                if (a.checkpoint_interval and self.step % a.checkpoint_interval == 0) or last:
+                if (a.checkpoint_interval and self.step % a.checkpoint_interval == 0) or last \
+                        or stopping:
                     path = self.save()
                     if pctx.is_main and self.cfg.logging.console:
                         print(f"saved Ada-K checkpoint {path}", flush=True)
-            if last_eval is None:  # resumed at (or past) the end: report the final state
-                last_eval = self.evaluate()
+                if stopping:
+                    outcome = signal.Signals(stop.signum).name
+                    break
+            if last_eval is None and outcome == "completed":
+                last_eval = self.evaluate()  # resumed at (or past) the end: the final state
                 emit(last_eval)
         finally:
+            stop.uninstall()
             if sink is not None:
                 sink.close()
-        summary = {"steps": self.step, "base_checkpoint": self.base_path,
-                   **{k: v for k, v in last_eval.items() if k not in ("step", "eval")}}
+        summary = {"outcome": outcome, "steps": self.step, "base_checkpoint": self.base_path,
+                   **{k: v for k, v in (last_eval or {}).items() if k not in ("step", "eval")}}
         if pctx.is_main:
             with open(os.path.join(a.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
@@ -491,7 +503,7 @@ def main(argv: list[str]) -> int:
     from locmoe_train.config import load_config, parse_override_args
     from locmoe_train.data.prepare import load_meta
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
-    from locmoe_train.train import check
+    from locmoe_train.train import EXIT_CODES, check
 
     ap = argparse.ArgumentParser(
         prog="locmoe-train adak",
@@ -514,6 +526,11 @@ def main(argv: list[str]) -> int:
     pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, cfg.train.device, cfg.train.seed)
     try:
         summary = AdaKStage(cfg, pctx, base).run()
+        if summary["outcome"] != "completed":
+            if pctx.is_main:
+                print(f"stopped by {summary['outcome']} after step {summary['steps']} (saved); "
+                      f"continue with --adak.resume=auto", flush=True)
+            return EXIT_CODES[summary["outcome"]]
         if pctx.is_main:
             print(f"done: Ada-K after {summary['steps']} steps; val loss {summary['val_loss']:.4f} "
                   f"(top-K {summary['val_loss_topk']:.4f}), expert FLOPs "

@@ -104,3 +104,41 @@ def test_adak_rejects_a_missing_checkpoint(tmp_path, tiny_data):
                  str(tmp_path / "nope"), f"--data.path={tiny_data}"])
     assert r.returncode == 2
     assert "is not a usable pre-trained checkpoint: no such directory" in r.stderr
+
+
+def test_adak_stage_stops_cleanly_on_sigterm_and_resumes(tmp_path, tiny_data, pretrained):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "locmoe_train.train", "adak", "--config",
+           "configs/adak/quickstart.yaml", "--checkpoint", pretrained, *TINY,
+           f"--data.path={tiny_data}", *STAGE, "--adak.checkpoint_interval=0",
+           "--adak.steps=100000", f"--adak.out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    step = summary["steps"]
+    assert summary["outcome"] == "SIGTERM" and step >= 3
+    assert f"stopped by SIGTERM after step {step} (saved)" in stdout
+    # The stop saved the step it ended on (no periodic checkpoints were asked for)...
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert read_metrics(str(out))[-1]["step"] == step
+    # ...and the stage continues from it (one more step here).
+    r = _stage(tiny_data, pretrained, out, ["--adak.resume=auto",
+                                             f"--adak.steps={step - 2 + 1}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed Ada-K stage from" in r.stdout and f"at step {step}" in r.stdout
+    assert f"done: Ada-K after {step + 1} steps" in r.stdout

@@ -38,9 +38,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from locmoe_train.config import TrainConfig
+from locmoe_train.config import TrainConfig, upgrade_saved
 from locmoe_train.errors import UserError
-from locmoe_train.model.init import ShardInfo, shard_info, take_shard
+from locmoe_train.hooks import call as call_hooks
+from locmoe_train.parallel.sharding import ShardInfo, shard_info, take_shard
 from locmoe_train.parallel.state import ParallelContext
 
 FORMAT = 1
@@ -129,6 +130,15 @@ def publish_step_dir(ckpt_dir: str, tmp: str, final: str, meta: dict, keep: int)
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
 
 
+def resolve(path: str) -> str:
+    """A ``step_*`` directory as given, or the one a checkpoint directory's ``latest`` names."""
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(path, f.read().strip())
+    return path
+
+
 def find_resume(resume: Optional[str], ckpt_dir: str, key: str, validate,
                 warn: bool = False) -> Optional[str]:
     """``resume`` (the value of config key ``key``): None = fresh start; "auto" = the
@@ -156,13 +166,19 @@ def find_resume(resume: Optional[str], ckpt_dir: str, key: str, validate,
 
 
 class Checkpointer:
-    def __init__(self, cfg: TrainConfig, pctx: ParallelContext):
-        self.cfg, self.pctx = cfg, pctx
+    """Saves and loads a dict of stateful parts: ``model`` (with its ``optimizer``,
+    whose state is stored per parameter) and any others with ``state_dict()`` /
+    ``load_state_dict()`` (the data ``loader``, the MoE runtime as ``moe``).
+    ``load`` restores only the parts it is given."""
+
+    def __init__(self, cfg: TrainConfig, pctx: ParallelContext, hooks=()):
+        self.cfg, self.pctx, self.hooks = cfg, pctx, list(hooks)
         self.dir = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
 
     # ---- save -------------------------------------------------------------
-    def save(self, step: int, model, optimizer, loader, moe_stats) -> str:
+    def save(self, step: int, parts: dict) -> str:
         pctx, cfg = self.pctx, self.cfg
+        model, optimizer = parts["model"], parts["optimizer"]
         tmp, final = begin_step_dir(self.dir, step, pctx)
 
         tensors, index = {}, {}
@@ -187,10 +203,7 @@ class Checkpointer:
                               "glu": info.glu, "shape": list(value.shape)}
         shard_file = f"shards_rank{pctx.rank:05d}.pt"
         save_synced(tensors, os.path.join(tmp, shard_file))
-        if os.environ.get("LOCMOE_TEST_SLOW_SAVE"):  # tests kill -9 a save half-way
-            import time
-
-            time.sleep(float(os.environ["LOCMOE_TEST_SLOW_SAVE"]))
+        call_hooks(self.hooks, "after_shards", step)
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         save_synced(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
@@ -200,9 +213,10 @@ class Checkpointer:
         else:
             gathered = [(shard_file, index)]
         if pctx.is_main:
-            save_synced({"step": step, "loader": loader.state_dict(),
-                        "moe": moe_stats.state_dict() if moe_stats is not None else {}},
-                       os.path.join(tmp, "trainer.pt"))
+            # Layout-free parts, identical on every rank (format 1 keys: loader, moe).
+            others = {name: part.state_dict() for name, part in parts.items()
+                      if name not in ("model", "optimizer")}
+            save_synced({"step": step, **others}, os.path.join(tmp, "trainer.pt"))
             shards: dict[str, list] = {}
             for file, idx in gathered:
                 for key, info in idx.items():
@@ -222,9 +236,11 @@ class Checkpointer:
                            validate_checkpoint, warn=self.pctx.is_main)
 
     # ---- load ---------------------------------------------------------------
-    def load(self, path: str, model, optimizer, loader, moe_stats) -> int:
-        """Load ``path`` into this run's layout; returns the step to continue from."""
+    def load(self, path: str, parts: dict) -> int:
+        """Load ``path`` into this run's layout: the given parts only (the optimizer
+        state only when ``optimizer`` is given); returns the step to continue from."""
         cfg, pctx = self.cfg, self.pctx
+        model, optimizer = parts["model"], parts.get("optimizer")
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         check_compatible(meta["config"], cfg.to_dict(), path)
@@ -252,7 +268,7 @@ class Checkpointer:
                     raise UserError(f"checkpoint {path} has no tensor {info.canonical!r}: it "
                                     f"was saved from a different model.")
                 p.copy_(take_shard(full(key), info).to(p.device))
-                if name in params:
+                if name in params and optimizer is not None:
                     opt_state = {}
                     for k in ("step", "exp_avg", "exp_avg_sq"):
                         key = f"optim/{info.canonical}/{k}"
@@ -265,9 +281,9 @@ class Checkpointer:
                         optimizer.state[p] = opt_state
         trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
         files.clear()
-        loader.load_state_dict(trainer["loader"])
-        if moe_stats is not None and trainer["moe"]:
-            moe_stats.load_state_dict(trainer["moe"])
+        for name, part in parts.items():
+            if name not in ("model", "optimizer") and trainer.get(name):
+                part.load_state_dict(trainer[name])
         rng_file = os.path.join(path, f"rng_rank{pctx.rank:05d}.pt")
         same_layout = (meta["world_size"], meta["tp"], meta["ep"]) == (pctx.world_size, pctx.tp,
                                                                        pctx.ep)
@@ -357,6 +373,7 @@ def validate_checkpoint(path: str, kind: Optional[str] = None) -> Optional[str]:
 
 
 def check_compatible(saved: dict, current: dict, path: str) -> None:
+    saved = upgrade_saved(saved)  # checkpoints from before a key or value was renamed
     diffs = [f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, this run has "
              f"{current[section].get(key)!r}"
              for section, keys in STRUCTURAL.items() for key in keys
@@ -377,10 +394,7 @@ def inspect_main(argv: list[str]) -> int:
     ap.add_argument("path", help="a step_* directory, or a checkpoint dir (uses 'latest')")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
-    path = args.path
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        path = os.path.join(path, open(latest).read().strip())
+    path = resolve(args.path)
     problem = validate_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} is not usable: {problem}")

@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 
 from locmoe_train.errors import UserError
 
@@ -36,7 +37,7 @@ SUBCOMMANDS = {
     "inspect-checkpoint": "locmoe_train.checkpoint:inspect_main",
     "sweep": "locmoe_train.sweep:main",
     "report": "locmoe_train.report:main",
-    "export-hf": "locmoe_train.export_hf:main",
+    "export-hf": "locmoe_train.hf.export:main",
     "adak": "locmoe_train.adak.stage:main",
 }
 
@@ -82,88 +83,116 @@ def resolve(cfg, meta: dict):
 
 def check(cfg, world_size: int, meta: dict) -> None:
     """Checks that need the world size and the data; UserError if the run cannot work."""
+    from locmoe_train.data.layout import check_batch_layout
     from locmoe_train.parallel.state import check_layout
 
     resolve(cfg, meta)
-    etp, dp, edp = check_layout(cfg.parallel, world_size, cfg.moe.num_experts)
-    g, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if g % (mb * dp):
-        raise UserError(
-            f"train.global_batch_size={g} is not divisible by train.micro_batch_size={mb} x "
-            f"data-parallel size {dp} (world {world_size} / parallel.tp {cfg.parallel.tp}): "
-            f"use a global batch that is a multiple of {mb * dp}.")
+    _, dp, _ = check_layout(cfg.parallel, world_size, cfg.expert_tp)
+    check_batch_layout(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
+
+
+@dataclass
+class Run:
+    """The parts every command that runs the model builds the same way."""
+    precision: str  # "fp32" or "bf16"
+    dtype: object  # torch.float32 or torch.bfloat16
+    model: object
+    loader: object  # StepLoader over the train split
+    eval_batches: list
+    n_train: int  # training windows
+
+
+def resolve_precision(cfg, pctx):
+    """``train.precision`` on this device: ("fp32" | "bf16", the torch dtype)."""
+    import torch
+
+    prec = cfg.train.precision
+    if prec == "auto":
+        prec = "bf16" if pctx.device.type == "cuda" else "fp32"
+    return prec, torch.bfloat16 if prec == "bf16" else torch.float32
+
+
+def build_run(cfg, pctx) -> Run:
+    """Precision, data loaders, validation batches and the model: shared by pre-training,
+    the Ada-K stage and the benchmark."""
+    import torch
+
+    from locmoe_train.data.dataset import StepLoader, TokenWindows, eval_micro_batches
+    from locmoe_train.model.gpt import build_model
+
+    prec, dtype = resolve_precision(cfg, pctx)
+    torch.manual_seed(cfg.train.seed)
+    train_ds = TokenWindows(os.path.join(cfg.data.path, "train"), cfg.data.seq_len)
+    valid_ds = TokenWindows(os.path.join(cfg.data.path, "valid"), cfg.data.seq_len)
+    loader = StepLoader(train_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                        pctx.dp_rank, pctx.dp, cfg.train.seed, shuffle=cfg.data.shuffle)
+    eval_batches = eval_micro_batches(valid_ds, cfg.train.micro_batch_size, pctx.dp_rank,
+                                      pctx.dp, cfg.train.eval_samples)
+    model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
+    return Run(prec, dtype, model, loader, eval_batches, len(train_ds))
+
+
+def _sinks(cfg, resumed: bool, start_step: int):
+    from locmoe_train.sinks import ConsoleSink, JsonlSink, MultiSink, truncate_after
+    from locmoe_train.sinks.trackers import build_tracker_sinks
+
+    sinks = []
+    if cfg.logging.console:
+        sinks.append(ConsoleSink(cfg.train.max_steps))
+    if cfg.logging.jsonl:
+        metrics_path = os.path.join(cfg.logging.run_dir, "metrics.jsonl")
+        if resumed:
+            truncate_after(metrics_path, start_step)
+        sinks.append(JsonlSink(metrics_path, append=resumed))
+    return MultiSink(sinks + build_tracker_sinks(cfg, resumed, start_step))
 
 
 def run(cfg) -> str:
-    import torch
-
     from locmoe_train.checkpoint import Checkpointer
     from locmoe_train.config import dump_config
-    from locmoe_train.data.dataset import StepLoader, TokenWindows, eval_micro_batches
     from locmoe_train.data.prepare import load_meta
-    from locmoe_train.loggers import build_tracker_sinks
-    from locmoe_train.metrics import ConsoleSink, JsonlSink, MultiSink, truncate_after
-    from locmoe_train.model.gpt import build_model
+    from locmoe_train.hooks import load_hooks
     from locmoe_train.model.init import count_parameters
-    from locmoe_train.moe.stats import build_moe_stats
+    from locmoe_train.moe.impls import build_runtime
     from locmoe_train.optim.optimizer import build_optimizer
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train_step import TrainStep
-    from locmoe_train.trainer import Trainer
+    from locmoe_train.trainer import Cadence, Trainer
 
     meta = load_meta(cfg.data.path)
     check(cfg, int(os.environ.get("WORLD_SIZE", "1")), meta)
     t_start = time.time()
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, cfg.train.device, cfg.train.seed)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
     sink = None
     try:
-        prec = cfg.train.precision
-        if prec == "auto":
-            prec = "bf16" if pctx.device.type == "cuda" else "fp32"
-        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
-        torch.manual_seed(cfg.train.seed)
-
-        train_ds = TokenWindows(os.path.join(cfg.data.path, "train"), cfg.data.seq_len)
-        valid_ds = TokenWindows(os.path.join(cfg.data.path, "valid"), cfg.data.seq_len)
-        loader = StepLoader(train_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                            pctx.dp_rank, pctx.dp, cfg.train.seed, shuffle=cfg.data.shuffle)
-        eval_batches = eval_micro_batches(valid_ds, cfg.train.micro_batch_size, pctx.dp_rank,
-                                          pctx.dp, cfg.train.eval_samples)
-
-        model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
-        optimizer = build_optimizer(model, cfg.optim)
-        stats = build_moe_stats(model, cfg, pctx.device)
-        step_fn = TrainStep(model, optimizer, cfg, pctx, dtype, moe_stats=stats)
-        counts = count_parameters(model, cfg, pctx)
+        r = build_run(cfg, pctx)
+        optimizer = build_optimizer(r.model, cfg.optim)
+        moe = build_runtime(r.model, cfg, pctx)
+        step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
+                            eval_batches=r.eval_batches)
+        counts = count_parameters(r.model, cfg, pctx)
+        hooks = load_hooks(pctx)
+        parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe}
         c = cfg.checkpoint
-        ckpt = Checkpointer(cfg, pctx) if (c.interval or c.dir or c.resume) else None
+        ckpt = Checkpointer(cfg, pctx, hooks) if (c.interval or c.dir or c.resume) else None
         start_step, resume_from = 0, ckpt.resolve_resume() if ckpt else None
         if resume_from is not None:
-            start_step = ckpt.load(resume_from, model, optimizer, loader, stats)
+            start_step = ckpt.load(resume_from, parts)
             if pctx.is_main:
                 print(f"resumed from {resume_from} at step {start_step}", flush=True)
-
         if pctx.is_main:
             os.makedirs(cfg.logging.run_dir, exist_ok=True)
             dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
-            sinks = []
-            if cfg.logging.console:
-                sinks.append(ConsoleSink(cfg.train.max_steps))
-            if cfg.logging.jsonl:
-                metrics_path = os.path.join(cfg.logging.run_dir, "metrics.jsonl")
-                if resume_from is not None:
-                    truncate_after(metrics_path, start_step)
-                sinks.append(JsonlSink(metrics_path, append=resume_from is not None))
-            sinks += build_tracker_sinks(cfg, resume_from is not None, start_step)
-            sink = MultiSink(sinks)
-            print(startup_summary(cfg, pctx, counts, meta, prec, len(train_ds)), flush=True)
+            sink = _sinks(cfg, resume_from is not None, start_step)
+            print(startup_summary(cfg, pctx, counts, meta, r.precision, r.n_train), flush=True)
 
-        save = (lambda step: ckpt.save(step, model, optimizer, loader, stats)) if ckpt else None
-        trainer = Trainer(cfg, pctx, step_fn, loader, eval_batches, sink, start_step, save)
+        save = (lambda step: ckpt.save(step, parts)) if ckpt else None
+        trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
+                          save, parts=[moe], hooks=hooks, console=cfg.logging.console)
         outcome = trainer.fit()
         if pctx.is_main:
             summary = {"outcome": outcome, "steps": trainer.step,
-                       "val_loss": trainer.last_val_loss,
+                       "val_loss": (trainer.last_eval or {}).get("val_loss"),
                        "wall_time_s": round(time.time() - t_start, 2),
                        "params": counts, "layout": pctx.describe()}
             with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
@@ -177,19 +206,9 @@ def run(cfg) -> str:
         destroy_parallel()
 
 
-def _capacity_summary(moe) -> str:
-    if moe.router == "locmoe_plus":
-        if moe.locmoe.mode == "tcr":
-            return "none (token choice only)"
-        c = moe.capacity
-        return (f"{c.policy} from factor {c.factor0} (every {c.interval} steps after {c.warmup})"
-                if c.policy == "controller" else f"{c.policy} from factor {c.factor0}")
-    if moe.router == "expert_choice":
-        return f"expert choice x{moe.capacity_factor or moe.top_k}"
-    return f"factor {moe.capacity_factor}" if moe.capacity_factor else "dropless"
-
-
 def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
+    from locmoe_train.moe.routers import router_class
+
     m, moe = cfg.model, cfg.moe
     moe_layers = len(range(0, m.num_layers, m.moe_every))
     lines = [
@@ -197,7 +216,7 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
         f"  model    : {m.num_layers} layers (MoE in {moe_layers}), hidden {m.hidden_size}, "
         f"{m.num_attention_heads} heads, vocab {m.vocab_size}",
         f"  moe      : impl={moe.impl} router={moe.router} experts={moe.num_experts} top_k={moe.top_k} "
-        f"capacity: {_capacity_summary(moe)}",
+        f"capacity: {router_class(moe.router).describe_capacity(moe)}",
         f"  params   : {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
         f"per token ({counts['expert'] / 1e6:.2f}M in experts)",
         f"  layout   : {pctx.describe()}, precision {precision}",
@@ -208,7 +227,7 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
         f"warmup {cfg.optim.warmup_steps})",
         f"  outputs  : {cfg.logging.run_dir}/ (config.yaml, metrics.jsonl, summary.json)",
     ]
-    from locmoe_train.loggers import tracker_outputs
+    from locmoe_train.sinks.trackers import tracker_outputs
 
     lines += [f"             {cfg.logging.run_dir}/{out}" for out in tracker_outputs(cfg.logging)]
     return "\n".join(lines)

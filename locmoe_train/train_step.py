@@ -3,7 +3,14 @@
 ``TrainStep.__call__`` takes the step's micro-batches (``[b, s+1]`` token
 ids: inputs are ``[:, :-1]``, labels ``[:, 1:]``) and returns its metrics as
 device tensors, local to this rank. It does no I/O and no host sync, so the
-trainer decides when to pay for reductions.
+trainer decides when to pay for reductions. ``log_record`` and
+``eval_record`` turn a window of those metrics, and a validation pass, into
+records (reduced over data-parallel ranks) when the trainer asks.
+
+The MoE runtime (``moe/runtime.py``) adds the layers' aux loss to each
+micro-batch's loss, hears about each finished step (adaptive routers) and
+contributes the step's MoE counters to the metrics; the step does not look
+inside them.
 
 Loss scaling: each micro-batch's loss (mean token loss plus our MoE layers'
 weighted auxiliary losses) is divided by the number of micro-batches;
@@ -15,13 +22,15 @@ over data-parallel ranks. The reported ``loss`` is the LM loss alone.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 
 from locmoe_train.config import TrainConfig
 from locmoe_train.model.gpt import causal_mask
-from locmoe_train.moe.layer import set_token_ids
+from locmoe_train.moe.layer import token_ids_scope
 from locmoe_train.optim.schedule import lr_at
 from locmoe_train.parallel.grads import GradSync
 from locmoe_train.parallel.state import ParallelContext
@@ -29,10 +38,12 @@ from locmoe_train.parallel.state import ParallelContext
 
 class TrainStep:
     def __init__(self, model, optimizer, cfg: TrainConfig, pctx: ParallelContext,
-                 dtype: torch.dtype, moe_stats=None):
+                 dtype: torch.dtype, moe=None, eval_batches: list[torch.Tensor] = ()):
         self.model, self.optimizer, self.cfg, self.pctx = model, optimizer, cfg, pctx
         self.dtype = dtype
-        self.moe_stats = moe_stats
+        self.moe = moe
+        self.eval_batches = list(eval_batches)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.grad_sync = GradSync(model, pctx)
         seq = cfg.data.seq_len
         self.mask = causal_mask(seq, pctx.device)
@@ -47,8 +58,7 @@ class TrainStep:
         """Mean next-token loss of one micro-batch."""
         tokens = tokens.to(self.pctx.device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        set_token_ids(inputs)  # for routers that hash token ids
-        with self.autocast():
+        with token_ids_scope(inputs), self.autocast():  # ids: for routers that hash them
             per_token = self.model(inputs, self.position_ids.expand(inputs.shape[0], -1),
                                    self.mask, labels=labels)
         return per_token.float().mean()
@@ -69,7 +79,7 @@ class TrainStep:
         for tokens in micro_batches:
             with record_function("train_step/forward"):
                 loss = self.forward_loss(tokens)
-                aux = self.moe_stats.pop_aux_loss() if self.moe_stats is not None else None
+                aux = self.moe.pop_aux_loss() if self.moe is not None else None
                 total = loss if aux is None else loss + aux
             with record_function("train_step/backward"):
                 (total / n).backward()
@@ -79,13 +89,32 @@ class TrainStep:
             grad_norm = self.grad_sync.clip(self.cfg.optim.grad_clip)
         with record_function("train_step/optimizer"):
             self.optimizer.step()
-        if self.moe_stats is not None:
-            self.moe_stats.step_end(step, loss_sum / n)
+        if self.moe is not None:
+            self.moe.step_end(step, loss_sum / n)
         metrics = {"loss": loss_sum / n, "grad_norm": grad_norm,
                    "lr": torch.tensor(lr)}
-        if self.moe_stats is not None:
-            metrics.update({f"moe/{k}": v for k, v in self.moe_stats.collect(n).items()})
+        if self.moe is not None:
+            metrics.update(self.moe.collect(n))
+        self._last = metrics
         return metrics
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.pctx.dp > 1:
+            dist.all_reduce(value, group=self.pctx.dp_group)
+            value = value / self.pctx.dp
+        return value.item()
+
+    def log_record(self, acc: dict[str, torch.Tensor], n_steps: int, elapsed: float) -> dict:
+        """A window of ``n_steps`` summed step metrics -> the record's training fields."""
+        return {"loss": self._dp_mean(acc["loss"] / n_steps),
+                # The last step's learning rate and gradient norm, not window means.
+                "lr": float(self._last["lr"]), "grad_norm": self._last["grad_norm"].item(),
+                "tokens_per_s": self.tokens_per_step * n_steps / max(elapsed, 1e-9),
+                "step_time_s": elapsed / n_steps}
+
+    def eval_record(self) -> dict:
+        loss = self._dp_mean(self.evaluate(self.eval_batches))
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:

@@ -59,7 +59,7 @@ def _worker(rank: int, args, port: int, queue) -> None:
     from locmoe_train.config import load_config
     from locmoe_train.moe.dispatcher import AllToAllDispatcher
     from locmoe_train.moe.hierarchical import HierarchicalDispatcher
-    from locmoe_train.moe.routers import TopKRouter
+    from locmoe_train.moe.routers import RouterSetup, TopKRouter
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
 
     results = {}
@@ -72,13 +72,12 @@ def _worker(rank: int, args, port: int, queue) -> None:
             if routing_name == "node_limited":
                 overrides.append(f"moe.max_nodes_per_token={args.max_nodes}")
             cfg = load_config(None, overrides)
-            pctx = init_parallel(cfg.parallel, args.experts, "cpu", 1)
+            pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", 1)
             topo = pctx.ep_topology
-            router = TopKRouter(cfg.moe, args.hidden, False)
+            router = TopKRouter(cfg.moe, args.hidden, RouterSetup(
+                expert_node_E=torch.tensor(pctx.moe.expert_node(args.experts))))
             torch.manual_seed(1234)  # same router on every rank
             torch.nn.init.normal_(router.weight, std=1.0 / math.sqrt(args.hidden))
-            router.expert_node_E = torch.tensor(
-                [topo.node_of_ep[e // (args.experts // world)] for e in range(args.experts)])
             gen = torch.Generator().manual_seed(rank)
             x = torch.randn(args.tokens, args.hidden, generator=gen)
             if routing_name == "local_bias":
@@ -90,9 +89,8 @@ def _worker(rank: int, args, port: int, queue) -> None:
                 routing = router(x)
             map_TE = routing.routing_map_TE
             same = int((map_TE & (router.expert_node_E == topo.node_of_ep[pctx.ep_rank])).sum())
-            flat = AllToAllDispatcher(args.experts, pctx.ep_group, world, False,
-                                      topo.node_of_ep, pctx.ep_rank)
-            hier = HierarchicalDispatcher(args.experts, topo, pctx.ep_rank, False, pctx.ep_group)
+            flat = AllToAllDispatcher.build(args.experts, pctx.moe, False)
+            hier = HierarchicalDispatcher.build(args.experts, pctx.moe, False)
             for name, disp in (("flat", flat), ("hierarchical", hier)):
                 times = []
                 for it in range(args.warmup + args.iters):

@@ -60,15 +60,15 @@ def flops_per_token(cfg) -> float:
 
 # name -> config overrides applied on top of --config (and its CLI overrides).
 VARIANTS = {
-    "ours": ["moe.impl=locmoe", "model.attention=sdpa"],
+    "ours": ["moe.impl=native", "model.attention=sdpa"],
     "megatron": ["moe.impl=megatron", "model.attention=megatron"],
-    "locmoe": ["moe.impl=locmoe"],
-    "top2_dropless": ["moe.impl=locmoe", "moe.router=topk", "moe.top_k=2",
+    "native": ["moe.impl=native"],
+    "top2_dropless": ["moe.impl=native", "moe.router=topk", "moe.top_k=2",
                       "moe.capacity_factor=null"],
     # The two capacity-bounded variants use the padded (static-shape, sync-free) layout.
-    "top1_cf1.1": ["moe.impl=locmoe", "moe.router=topk", "moe.top_k=1",
+    "top1_cf1.1": ["moe.impl=native", "moe.router=topk", "moe.top_k=1",
                    "moe.capacity_factor=1.1", "moe.pad_to_capacity=true"],
-    "locmoe_plus": ["moe.impl=locmoe", "moe.router=locmoe_plus", "moe.top_k=1",
+    "locmoe_plus": ["moe.impl=native", "moe.router=locmoe_plus", "moe.top_k=1",
                     "moe.capacity.policy=fixed", "moe.capacity.factor0=0.66",
                     "moe.pad_to_capacity=true"],
 }
@@ -118,7 +118,7 @@ def annotate_phases(model) -> None:
     """Name the forward phases of every layer for the profiler (both MoE implementations)."""
     from megatron.core.transformer.attention import SelfAttention
 
-    from locmoe_train.moe.layer import LocMoELayer
+    from locmoe_train.moe.layer import MoELayer
 
     def hook(module, name):
         r = _Range(name)
@@ -128,7 +128,7 @@ def annotate_phases(model) -> None:
     for module in model.modules():
         if isinstance(module, SelfAttention):
             hook(module, "phase/attention")
-        elif isinstance(module, LocMoELayer):
+        elif isinstance(module, MoELayer):  # ours
             hook(module.router, "phase/router")
             hook(module.experts, "phase/experts")
             _wrap_method(module.dispatcher, "dispatch", "phase/dispatch")
@@ -177,21 +177,20 @@ def profile_phases(step_fn, batch, first_step: int, steps: int, cuda: bool) -> d
 
 def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -> dict:
     from locmoe_train.model.gpt import build_model
-    from locmoe_train.moe.stats import build_moe_stats
+    from locmoe_train.moe.impls import build_runtime
     from locmoe_train.optim.optimizer import build_optimizer
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
+    from locmoe_train.train import resolve_precision
     from locmoe_train.train_step import TrainStep
 
-    cfg.parallel.etp = None
     cfg.validate()
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, cfg.train.device, cfg.train.seed)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
     try:
         cuda = pctx.device.type == "cuda"
-        prec = cfg.train.precision
-        dtype = torch.bfloat16 if prec == "bf16" or (prec == "auto" and cuda) else torch.float32
+        _, dtype = resolve_precision(cfg, pctx)
         model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
         step_fn = TrainStep(model, build_optimizer(model, cfg.optim), cfg, pctx, dtype,
-                            moe_stats=build_moe_stats(model, cfg, pctx.device))
+                            moe=build_runtime(model, cfg, pctx))
         n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
         gen = torch.Generator().manual_seed(0)
         batch = [torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size,

@@ -33,6 +33,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from locmoe_train.data.layout import check_batch_layout
 from locmoe_train.errors import UserError
 
 
@@ -131,20 +132,7 @@ class StepLoader:
         _check_positive_int("train.global_batch_size", global_batch_size)
         _check_positive_int("train.micro_batch_size", micro_batch_size)
         _check_dp(dp_rank, dp_size)
-        per_round = micro_batch_size * dp_size
-        if global_batch_size % per_round:
-            lower = global_batch_size // per_round * per_round
-            nearby = [v for v in (lower, lower + per_round) if v > 0]
-            per_rank_ok = global_batch_size % dp_size == 0
-            micro_ok = [m for m in range(1, global_batch_size // dp_size + 1)
-                        if (global_batch_size // dp_size) % m == 0] if per_rank_ok else []
-            raise UserError(
-                f"train.global_batch_size ({global_batch_size}) must be divisible by "
-                f"train.micro_batch_size ({micro_batch_size}) x data-parallel size ({dp_size}) "
-                f"= {per_round}; use train.global_batch_size "
-                f"{' or '.join(str(v) for v in nearby)}"
-                + (f", or train.micro_batch_size one of {micro_ok}" if micro_ok else "")
-            )
+        check_batch_layout(global_batch_size, micro_batch_size, dp_size)
         if len(dataset) < 1:
             raise UserError("the training split has no samples; prepare more text")
         self.dataset = dataset

@@ -2,7 +2,7 @@
 
 Owns the conversion of a SentencePiece ``.model`` into a ``tokenizers``
 pipeline that encodes every text to the same ids, and the check that it
-does. It does not decide where the tokenizer comes from (``export_hf.py``).
+does. It does not decide where the tokenizer comes from (``hf/export.py``).
 
 Why a hand-built pipeline: our tokenizer is trained for source code
 (``data/tokenizer.py``: identity normalisation, no dummy prefix, whitespace

@@ -2,22 +2,20 @@
 
 Owns: the megatron ``TransformerConfig`` derived from our config, the layer
 spec (RMSNorm, causal self-attention with RoPE, SwiGLU MLP without biases),
-the choice of MoE implementation plugged into the spec by ``moe.impl``, and
+the MoE implementation's MLP spec (``moe/impls.py``, chosen by ``moe.impl``), and
 ``build_model``. Parameter initialisation is in ``model/init.py``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from locmoe_train.config import TrainConfig
-from locmoe_train.errors import UserError
 from locmoe_train.model.attention import SDPAttention
 from locmoe_train.model.init import init_parameters
 from locmoe_train.model.norm import RMSNorm
+from locmoe_train.moe.impls import impl_class
 from locmoe_train.parallel.state import ParallelContext
 
 
@@ -64,7 +62,7 @@ def transformer_config(cfg: TrainConfig, pctx: ParallelContext, precision: torch
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_token_drop_policy=moe.drop_policy,
         # Read by megatron's own MoE layer only (ours takes it from moe_cfg).
-        moe_pad_expert_input_to_capacity=moe.pad_to_capacity and moe.impl == "megatron",
+        moe_pad_expert_input_to_capacity=impl_class(moe.impl).pads_megatron_input(moe),
         # Softmax over all experts, then top-k (Switch/GShard) unless renormalised.
         moe_router_pre_softmax=not moe.renormalize,
         moe_grouped_gemm=False,
@@ -84,30 +82,6 @@ def transformer_config(cfg: TrainConfig, pctx: ParallelContext, precision: torch
     )
 
 
-def _megatron_moe_spec(cfg: TrainConfig, pctx: ParallelContext):
-    from megatron.core.models.backends import LocalSpecProvider
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-
-    return get_moe_module_spec_for_backend(
-        backend=LocalSpecProvider(), num_experts=cfg.moe.num_experts, moe_grouped_gemm=False)
-
-
-def _locmoe_spec(cfg: TrainConfig, pctx: ParallelContext):
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    from locmoe_train.moe.layer import LocMoELayer
-
-    return ModuleSpec(module=LocMoELayer, params={
-        "moe_cfg": cfg.moe, "ffn_hidden_size": cfg.moe_ffn_hidden_size,
-        "vocab_size": cfg.model.vocab_size or 1, "seed": cfg.train.seed,
-        "seq_len": cfg.data.seq_len, "max_steps": cfg.train.max_steps,
-        "node_of_rank": pctx.node_of_rank, "ep_topology": pctx.ep_topology})
-
-
-# moe.impl -> builder of the MLP ModuleSpec for MoE layers.
-MOE_IMPLS: dict[str, Callable] = {"locmoe": _locmoe_spec, "megatron": _megatron_moe_spec}
-
-
 def layer_spec(cfg: TrainConfig, pctx: ParallelContext, moe: bool):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -121,9 +95,7 @@ def layer_spec(cfg: TrainConfig, pctx: ParallelContext, moe: bool):
         TransformerLayer, TransformerLayerSubmodules)
 
     if moe:
-        if cfg.moe.impl not in MOE_IMPLS:
-            raise UserError(f"moe.impl={cfg.moe.impl!r} is not one of {sorted(MOE_IMPLS)}.")
-        mlp = MOE_IMPLS[cfg.moe.impl](cfg, pctx)
+        mlp = impl_class(cfg.moe.impl).mlp_spec(cfg, pctx)
     else:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from locmoe_train.errors import UserError
 from locmoe_train.moe.routing import RoutingResult
 
 
@@ -51,7 +52,35 @@ def _all_to_all(group, x: torch.Tensor, out_splits: list[int], in_splits: list[i
     return all_to_all(group, x, out_splits, in_splits)
 
 
+DISPATCHERS: dict[str, type] = {}
+
+
+def register_dispatcher(name: str):
+    def wrap(cls):
+        cls.name = name
+        DISPATCHERS[name] = cls
+        return cls
+    return wrap
+
+
+def dispatcher_class(name: str):
+    """The dispatcher class ``moe.dispatcher`` names (the registry fills on import)."""
+    import locmoe_train.moe.hierarchical  # noqa: F401  (registers itself)
+
+    if name not in DISPATCHERS:
+        raise UserError(f"moe.dispatcher={name!r} is not one of "
+                        f"{', '.join(repr(n) for n in DISPATCHERS)} for moe.impl=native.")
+    return DISPATCHERS[name]
+
+
+@register_dispatcher("alltoall")
 class AllToAllDispatcher:
+    @classmethod
+    def build(cls, num_experts: int, mp, pad_to_capacity: bool) -> "AllToAllDispatcher":
+        """From the layer's ``MoEParallel``."""
+        return cls(num_experts, mp.ep_group, mp.ep_size, pad_to_capacity, mp.node_of_ep,
+                   mp.ep_rank)
+
     def __init__(self, num_experts: int, ep_group=None, ep_size: int = 1,
                  pad_to_capacity: bool = False, node_of_ep: list[int] | None = None,
                  my_ep_rank: int = 0):

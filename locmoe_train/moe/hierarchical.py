@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from locmoe_train.errors import UserError
-from locmoe_train.moe.dispatcher import AllToAllDispatcher, DispatchMeta, _all_to_all
+from locmoe_train.moe.dispatcher import (AllToAllDispatcher, DispatchMeta, _all_to_all,
+                                         register_dispatcher)
 from locmoe_train.parallel.state import EPTopology
 
 
@@ -55,7 +56,12 @@ class HierarchicalMeta(DispatchMeta):
     final_order: torch.Tensor | None = None  # received rows -> expert-major order
 
 
+@register_dispatcher("hierarchical")
 class HierarchicalDispatcher(AllToAllDispatcher):
+    @classmethod
+    def build(cls, num_experts: int, mp, pad_to_capacity: bool) -> "HierarchicalDispatcher":
+        return cls(num_experts, mp.topology, mp.ep_rank, pad_to_capacity, mp.ep_group)
+
     def __init__(self, num_experts: int, topo: EPTopology, my_ep_rank: int,
                  pad_to_capacity: bool = False, ep_group=None):
         super().__init__(num_experts, ep_group, len(topo.ep_ranks), pad_to_capacity,

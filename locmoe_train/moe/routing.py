@@ -35,10 +35,19 @@ class RoutingResult:
     requested_slots: int
     # Per-expert capacity when the routing is capacity-bounded, else None.
     capacity: Optional[int] = None
-    # Unweighted auxiliary terms (name -> scalar tensor with grad).
+    # Unweighted aux terms the router computed (moe/aux.py), name -> scalar with grad.
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Router probabilities over all experts (with grad), for the locality loss.
+    # Inputs of the auxiliary losses (moe/aux.py), with grad where they have one:
+    # router probabilities over all experts (balance and locality losses) ...
     probs_TE: Optional[torch.Tensor] = None
+    # ... the token choice before any capacity drop (balance loss) ...
+    selected_TE: Optional[torch.Tensor] = None
+    # ... and the logits the probabilities came from (z-loss); None: scores_TE.
+    logits_TE: Optional[torch.Tensor] = None
+
+    @property
+    def gate_logits_TE(self) -> torch.Tensor:
+        return self.scores_TE if self.logits_TE is None else self.logits_TE
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from locmoe_train.model.init import is_expert_param
+from locmoe_train.parallel.sharding import is_expert_param
 from locmoe_train.parallel.state import ParallelContext
 
 

@@ -49,6 +49,8 @@ class ParallelContext:
     ep_group: object = None
     edp_group: object = None
     ep_topology: "EPTopology | None" = None
+    # What MoE layers need of the layout (built once here, handed to the layers).
+    moe: "MoEParallel | None" = None
 
     @property
     def node(self) -> int:
@@ -81,6 +83,40 @@ class EPTopology:
     @property
     def num_nodes(self) -> int:
         return len(self.nodes)
+
+
+@dataclass
+class MoEParallel:
+    """The parallel layout as an MoE layer sees it: its expert-parallel and
+    sequence-parallel groups, where every rank and expert lives, and the
+    locality topology. Built once by ``init_parallel``; ``single()`` is one
+    process."""
+    rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: object = None  # None when ep_size == 1
+    ep_ranks: list[int] = field(default_factory=lambda: [0])  # global rank of each EP index
+    # Sequence parallelism (TP > 1 with MoE): routers see this rank's slice of
+    # the sequence and reduce their loss counts over the TP group.
+    sequence_parallel: bool = False
+    sp_size: int = 1
+    sp_rank: int = 0
+    sp_group: object = None
+    node_of_rank: list[int] = field(default_factory=lambda: [0])
+    topology: "EPTopology | None" = None
+
+    @classmethod
+    def single(cls) -> "MoEParallel":
+        return cls(topology=EPTopology([0], [0], [0], [0], 1))
+
+    @property
+    def node_of_ep(self) -> list[int]:
+        return [self.node_of_rank[r] for r in self.ep_ranks]
+
+    def expert_node(self, num_experts: int) -> list[int]:
+        """Node of each expert: expert e lives on EP index e // (E / ep)."""
+        per_rank = num_experts // self.ep_size
+        return [self.node_of_rank[self.ep_ranks[e // per_rank]] for e in range(num_experts)]
 
 
 def _partition(ep_ranks: list[int], node_of_rank: list[int]):
@@ -122,9 +158,11 @@ def build_ep_topology(pctx: "ParallelContext") -> EPTopology:
     return topo
 
 
-def check_layout(cfg: ParallelConfig, world_size: int, num_experts: int) -> tuple[int, int, int]:
-    """Validate parallel sizes against the world size; return (etp, dp, edp)."""
-    etp = cfg.etp if cfg.etp is not None else cfg.tp
+def check_layout(cfg: ParallelConfig, world_size: int, etp: int) -> tuple[int, int, int]:
+    """Validate parallel sizes against the world size; return (etp, dp, edp).
+
+    ``etp`` is the resolved expert tensor-parallel size (``TrainConfig.expert_tp``).
+    """
     if world_size % cfg.tp:
         raise UserError(
             f"parallel.tp={cfg.tp} does not divide the world size {world_size}: launch a "
@@ -134,8 +172,6 @@ def check_layout(cfg: ParallelConfig, world_size: int, num_experts: int) -> tupl
             f"parallel.ep={cfg.ep} x expert tensor parallel {etp} = {cfg.ep * etp} does not "
             f"divide the world size {world_size}: launch a multiple of {cfg.ep * etp} "
             f"processes or lower parallel.ep / parallel.etp.")
-    if num_experts % cfg.ep:
-        raise UserError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={cfg.ep}.")
     if cfg.ranks_per_node is not None and world_size % cfg.ranks_per_node:
         raise UserError(
             f"parallel.ranks_per_node={cfg.ranks_per_node} does not divide the world size "
@@ -148,9 +184,35 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
+def _init_process_group(cfg: ParallelConfig, backend: str, rank: int, world_size: int,
+                        device_id) -> tuple[int, int]:
+    """Start torch.distributed; returns (rank, world size) as the rendezvous gave them."""
+    timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+    if "MASTER_ADDR" not in os.environ and world_size == 1:
+        # Plain `python -m` / console script / in-process use: an in-memory
+        # store, so no port is taken and no launcher variable leaks into
+        # the environment of processes started later.
+        store = dist.HashStore()
+    else:
+        # After a torchrun restart (--max-restarts) the agent's store still
+        # holds the previous attempt's keys (gloo would connect to dead
+        # ranks' ports): give every attempt its own key space.
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size,
+                                                       timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"locmoe/attempt_{attempt}/", store)
+    dist.init_process_group(
+        backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+        device_id=device_id)
+    return rank, world_size
+
+
+def init_parallel(cfg: ParallelConfig, etp: int = 1, device: str = "auto",
                   seed: int = 1234) -> ParallelContext:
-    """Start torch.distributed and megatron-core's parallel state."""
+    """Start torch.distributed and megatron-core's parallel state.
+
+    ``etp``: the resolved expert tensor-parallel size (``TrainConfig.expert_tp``).
+    """
     from megatron.core import parallel_state, tensor_parallel
 
     compat.apply()
@@ -158,7 +220,7 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
-    etp, dp, edp = check_layout(cfg, world_size, num_experts)
+    etp, dp, edp = check_layout(cfg, world_size, etp)
 
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
@@ -174,23 +236,8 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
         dev = torch.device("cpu")
 
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
-        if "MASTER_ADDR" not in os.environ and world_size == 1:
-            # Plain `python -m` / console script / in-process use: an in-memory
-            # store, so no port is taken and no launcher variable leaks into
-            # the environment of processes started later.
-            store = dist.HashStore()
-        else:
-            # After a torchrun restart (--max-restarts) the agent's store still
-            # holds the previous attempt's keys (gloo would connect to dead
-            # ranks' ports): give every attempt its own key space.
-            store, rank, world_size = next(dist.rendezvous("env://", rank, world_size,
-                                                           timeout=timeout))
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            store = dist.PrefixStore(f"locmoe/attempt_{attempt}/", store)
-        dist.init_process_group(
-            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-            device_id=dev if use_cuda else None)
+        rank, world_size = _init_process_group(cfg, backend, rank, world_size,
+                                               dev if use_cuda else None)
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -228,6 +275,14 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, device: str = "auto",
         edp_group=ps.get_expert_data_parallel_group(),
     )
     pctx.ep_topology = build_ep_topology(pctx)
+    sp = cfg.tp > 1  # megatron-core needs sequence parallelism for MoE with TP
+    pctx.moe = MoEParallel(
+        rank=rank, ep_size=cfg.ep, ep_rank=pctx.ep_rank,
+        ep_group=pctx.ep_group if cfg.ep > 1 else None,
+        ep_ranks=pctx.ep_topology.ep_ranks, sequence_parallel=sp,
+        sp_size=cfg.tp if sp else 1, sp_rank=pctx.tp_rank if sp else 0,
+        sp_group=pctx.tp_group if sp else None, node_of_rank=pctx.node_of_rank,
+        topology=pctx.ep_topology)
     return pctx
 
 

@@ -62,8 +62,14 @@ def config_changes(started: dict, now: dict) -> list[str]:
     """Keys whose value differs between the config a run started with and the current one.
 
     Keys present on one side only are ignored: they come from a newer or older
-    version of the schema, not from the sweep."""
-    a, b = flatten_dict(started), flatten_dict(now)
+    version of the schema, not from the sweep. Old spellings of renamed keys and
+    values are read in today's (``config.upgrade_saved``); so is an expert-TP size
+    that older versions wrote out resolved while today's leave it null."""
+    from locmoe_train.config import upgrade_saved
+
+    a, b = flatten_dict(upgrade_saved(started)), flatten_dict(upgrade_saved(now))
+    if a.get("parallel.etp") is not None and b.get("parallel.etp") is None:
+        b["parallel.etp"] = a["parallel.etp"]  # compared by its resolved value below
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
             if k in b and k not in IGNORED_KEYS and a[k] != b[k]]
 
@@ -116,7 +122,7 @@ def preflight(sweep: Sweep, runs: list[Run], force: bool, need_data: bool) -> No
 
     for run in runs:
         try:
-            check_layout(run.cfg.parallel, sweep.nproc, run.cfg.moe.num_experts)
+            check_layout(run.cfg.parallel, sweep.nproc, run.cfg.expert_tp)
         except UserError as e:
             raise UserError(f"{sweep.path}: run {run.name!r} with nproc={sweep.nproc}: "
                             f"{e}") from None

@@ -23,7 +23,7 @@ from locmoe_train.model.gpt import transformer_config  # noqa: E402
 from locmoe_train.model.init import init_parameters  # noqa: E402
 from locmoe_train.moe.dispatcher import AllToAllDispatcher  # noqa: E402
 from locmoe_train.moe.hierarchical import HierarchicalDispatcher  # noqa: E402
-from locmoe_train.moe.layer import LocMoELayer  # noqa: E402
+from locmoe_train.moe.layer import MoELayer  # noqa: E402
 from locmoe_train.parallel.state import destroy_parallel, init_parallel  # noqa: E402
 
 S, B, D, F, E = 8, 2, 32, 16, 8
@@ -44,9 +44,9 @@ def run(name, out_dir):
                              "model.num_attention_heads=4", "parallel.ep=4",
                              "parallel.ranks_per_node=2", "moe.dispatcher=hierarchical",
                              *SCENARIOS[name]])
-    pctx = init_parallel(cfg.parallel, E, "cpu", 1)
-    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=F,
-                        node_of_rank=pctx.node_of_rank, ep_topology=pctx.ep_topology)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", 1)
+    layer = MoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=F,
+                     parallel=pctx.moe)
     init_parameters(layer, cfg, pctx)
     assert isinstance(layer.dispatcher, HierarchicalDispatcher)
     gen = torch.Generator().manual_seed(100 + pctx.rank)

@@ -1,4 +1,4 @@
-"""torchrun worker for test_moe_layer_parallel.py: one LocMoELayer under a parallel layout.
+"""torchrun worker for test_moe_layer_parallel.py: one MoELayer under a parallel layout.
 
 The input is a fixed global tensor ``[G*s, b, D]`` cut into G sequence shards
 (G = world size). Rank r runs shard r (for TP that is its sequence-parallel
@@ -23,7 +23,8 @@ warnings.filterwarnings("ignore")
 from locmoe_train.config import load_config  # noqa: E402
 from locmoe_train.model.gpt import transformer_config  # noqa: E402
 from locmoe_train.model.init import init_parameters  # noqa: E402
-from locmoe_train.moe.layer import LocMoELayer  # noqa: E402
+from locmoe_train.moe.layer import MoELayer  # noqa: E402
+from locmoe_train.moe.routers import RouterSetup  # noqa: E402
 from locmoe_train.parallel.state import destroy_parallel, init_parallel  # noqa: E402
 
 S, B, D, F, E = 8, 2, 32, 16, 4
@@ -41,13 +42,13 @@ SCENARIOS = {
     # LocMoE+ with expert choice ranked over the sequence-parallel group equals
     # ranking the whole sequence on one rank (capacity binds: factor0 0.5).
     "tp_locmoe_global": (["parallel.tp={world}"], "tp",
-                         ["moe.router=locmoe_plus", "moe.locmoe.ranking=global",
+                         ["moe.router=locmoe_plus", "moe.locmoe_plus.ranking=global",
                           "moe.capacity.factor0=0.5"]),
     "ep_locmoe": (["parallel.ep={world}"], "ep",
                   ["moe.router=locmoe_plus", "moe.capacity.factor0=0.5"]),
     # The same two with static shapes (every expert padded to its capacity).
     "tp_locmoe_global_padded": (["parallel.tp={world}"], "tp",
-                                ["moe.router=locmoe_plus", "moe.locmoe.ranking=global",
+                                ["moe.router=locmoe_plus", "moe.locmoe_plus.ranking=global",
                                  "moe.capacity.factor0=0.5", "moe.pad_to_capacity=true"]),
     "ep_locmoe_padded": (["parallel.ep={world}"], "ep",
                          ["moe.router=locmoe_plus", "moe.capacity.factor0=0.5",
@@ -63,12 +64,12 @@ def run(scenario: str, out_dir: str, world: int) -> None:
     if world > 1:
         overrides += [o.format(world=world) for o in layout]
     cfg = load_config(None, overrides)
-    pctx = init_parallel(cfg.parallel, E, "cpu", 1)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", 1)
     # LocMoE+ capacity is per sequence: an EP shard holds B sequences of S tokens,
     # a TP shard a 1/world slice of B sequences of S*world tokens.
     seq_len = S * _shards() if kind == "tp" else S
-    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe,
-                        ffn_hidden_size=F, seq_len=seq_len)
+    layer = MoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=F,
+                     parallel=pctx.moe, setup=RouterSetup(seq_len=seq_len))
     init_parameters(layer, cfg, pctx)
     layer.train()
 
@@ -121,7 +122,7 @@ def run(scenario: str, out_dir: str, world: int) -> None:
         for o, g in gathered:
             outs.update(o)
             dxs.update(g)
-    counts = layer.stat_tokens_per_expert.clone()
+    counts = layer.stats.tokens_per_expert.clone()
     if world > 1:
         dist.all_reduce(counts)
     if pctx.rank == 0:

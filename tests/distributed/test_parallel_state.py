@@ -14,7 +14,7 @@ out = {}
 for name, overrides in [("ep2", ["parallel.ep=2"]), ("tp2", ["parallel.tp=2"]),
                         ("ep2_sim_nodes", ["parallel.ep=2", "parallel.ranks_per_node=1"])]:
     cfg = load_config(None, overrides)
-    p = init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", 1)
+    p = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", 1)
     out[name] = dict(rank=p.rank, tp=p.tp, ep=p.ep, dp=p.dp, edp=p.edp, tp_rank=p.tp_rank,
                      ep_rank=p.ep_rank, dp_rank=p.dp_rank, num_nodes=p.num_nodes,
                      node=p.node, simulated=p.simulated_nodes,

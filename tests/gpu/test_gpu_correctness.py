@@ -32,7 +32,7 @@ def _losses(device: str, precision: str, steps: int = 4) -> list[float]:
 
     cfg = load_config(None, TINY + [f"train.device={device}", f"train.precision={precision}"])
     cfg.model.vocab_size = 512
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, device, cfg.train.seed)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, device, cfg.train.seed)
     try:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model = build_model(cfg, pctx, 512, dtype)
@@ -85,7 +85,7 @@ def test_padded_locmoe_plus_step_has_no_host_sync(megatron_reset):
                                     "moe.pad_to_capacity=true", "moe.experts=grouped",
                                     "moe.capacity.policy=fixed", "moe.capacity.factor0=0.8",
                                     "train.device=cuda"])
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cuda", cfg.train.seed)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cuda", cfg.train.seed)
     model = build_model(cfg, pctx, 512, torch.bfloat16)
     tokens = torch.randint(0, 512, (4, 64), device="cuda")
     labels = torch.randint(0, 512, (4, 64), device="cuda")

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import hooks
 from helpers import REPO, read_metrics, run_cli
 
 TINY = ["--config", "configs/quickstart.yaml", "--model.num_layers=2", "--model.hidden_size=64",
@@ -101,7 +102,8 @@ def test_damaged_and_incompatible_checkpoints(tmp_path, tiny_data):
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", LOCMOE_TEST_SLOW_SAVE="30")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               **hooks.env_for("slow_save", LOCMOE_TEST_SLOW_SAVE="30"))
     cmd = [sys.executable, "-m", "locmoe_train.train", *TINY, f"--data.path={tiny_data}",
            f"--logging.run_dir={run_dir}", "--train.max_steps=9"]
     # First a run that completes its step-3 and step-6 saves quickly...
@@ -138,7 +140,7 @@ def test_torchrun_restart_resumes_by_itself(tmp_path, tiny_data):
     straight, _ = train(tmp_path, tiny_data, "straight", ["--parallel.ep=2"], 2)
     run_dir = tmp_path / "restarted"
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               LOCMOE_TEST_CRASH=f"5:1:{tmp_path / 'crashed'}")
+               **hooks.env_for("crash", LOCMOE_TEST_CRASH=f"5:1:{tmp_path / 'crashed'}"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--max-restarts=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "locmoe_train.train", *TINY, f"--data.path={tiny_data}", "--parallel.ep=2",

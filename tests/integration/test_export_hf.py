@@ -54,7 +54,7 @@ def our_logits(ckpt: str, ids_bs: torch.Tensor) -> torch.Tensor:
     """Our model rebuilt from the checkpoint on 1 CPU rank in fp32, in evaluation mode."""
     from locmoe_train.checkpoint import read_full_tensors
     from locmoe_train.config import TrainConfig, from_dict
-    from locmoe_train.export_hf import resolve_checkpoint
+    from locmoe_train.hf.export import resolve_checkpoint
     from locmoe_train.model.gpt import build_model, causal_mask
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
 
@@ -62,7 +62,7 @@ def our_logits(ckpt: str, ids_bs: torch.Tensor) -> torch.Tensor:
     cfg = from_dict(TrainConfig, meta["config"], "")
     cfg.parallel.tp = cfg.parallel.ep = cfg.parallel.etp = 1
     try:
-        pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
+        pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
         model = build_model(cfg, pctx, cfg.model.vocab_size).eval()
         state = model.state_dict()
         for name, value in full.items():
@@ -99,7 +99,7 @@ def test_mixtral_export_matches_ours(mixtral_ckpt, tiny_data, tmp_path):
     import sentencepiece
     from transformers import AutoTokenizer
 
-    from locmoe_train.export_hf import main
+    from locmoe_train.hf.export import main
 
     out = str(tmp_path / "hf")
     assert main([mixtral_ckpt, out]) == 0
@@ -163,7 +163,7 @@ def _save_in_process(tmp_path, tiny_data, overrides, tweak=None) -> str:
         "data.seq_len=32", f"data.path={tiny_data}", "model.vocab_size=512",
         f"checkpoint.dir={tmp_path / 'ckpt'}", *overrides])
     try:
-        pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
+        pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
         model = build_model(cfg, pctx, 512)
         if tweak is not None:
             with torch.no_grad():
@@ -185,7 +185,7 @@ def _random_bias(model):
     (["moe.renormalize=false", "model.moe_every=2"], None, "LocMoEForCausalLM"),
 ], ids=["megatron-impl", "aux_free", "topk-unnormalised-dense"])
 def test_other_routers_match_ours(tmp_path, tiny_data, overrides, tweak, architecture):
-    from locmoe_train.export_hf import export
+    from locmoe_train.hf.export import export
 
     ckpt = _save_in_process(tmp_path, tiny_data, overrides, tweak)
     out = str(tmp_path / "hf")
@@ -199,7 +199,7 @@ def test_other_routers_match_ours(tmp_path, tiny_data, overrides, tweak, archite
 
 def _with_config(ckpt_dir: str, tmp_path, **moe) -> str:
     """A copy of the latest checkpoint whose saved config has other moe.* values."""
-    from locmoe_train.export_hf import resolve_checkpoint
+    from locmoe_train.hf.export import resolve_checkpoint
 
     dst = str(tmp_path / "edited")
     shutil.copytree(resolve_checkpoint(ckpt_dir), dst)
@@ -211,7 +211,7 @@ def _with_config(ckpt_dir: str, tmp_path, **moe) -> str:
 
 def test_refusals_and_warnings(mixtral_ckpt, locmoe_plus_ckpt, tmp_path, capsys):
     from locmoe_train.errors import UserError
-    from locmoe_train.export_hf import export
+    from locmoe_train.hf.export import export
 
     with pytest.raises(UserError) as e:
         export(locmoe_plus_ckpt, str(tmp_path / "a"), architecture="mixtral")

@@ -6,6 +6,7 @@ import os
 
 import yaml
 
+import hooks
 from helpers import read_metrics, run_cli
 
 TINY = {"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4},
@@ -27,7 +28,7 @@ def test_sweep_runs_skips_finished_and_resumes_a_crashed_run(tmp_path, tiny_data
     marker = tmp_path / "crashed"
     # The first run to finish step 3 (top_k-1) dies; its checkpoint of step 2 remains.
     r = run_cli(["sweep", str(sweep), "--quiet"],
-                env={"LOCMOE_TEST_CRASH": f"3:0:{marker}"})
+                env=hooks.env_for("crash", LOCMOE_TEST_CRASH=f"3:0:{marker}"))
     assert r.returncode == 1, r.stdout + r.stderr
     assert marker.exists()
     assert "[1/2] top_k-1: failed (exit status 1)" in r.stdout

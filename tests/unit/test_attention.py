@@ -15,7 +15,7 @@ def _loss_and_grads(attention: str, groups: int | None):
     if groups:
         overrides.append(f"model.num_query_groups={groups}")
     cfg = load_config(None, overrides)
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
     try:
         model = build_model(cfg, pctx, 100)
         g = torch.Generator().manual_seed(0)

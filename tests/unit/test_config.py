@@ -22,10 +22,11 @@ def write(tmp_path, data) -> str:
 def test_defaults_validate():
     cfg = load_config(None, [])
     assert isinstance(cfg, TrainConfig)
-    assert cfg.moe.impl == "locmoe" and cfg.moe.router == "topk"
-    assert cfg.parallel.etp == 1  # resolved: our layer keeps whole experts per rank
-    assert load_config(None, ["moe.impl=megatron", "parallel.tp=2", "data.seq_len=128"]
-                       ).parallel.etp == 2  # megatron's default: etp follows tp
+    assert cfg.moe.impl == "native" and cfg.moe.router == "topk"
+    assert cfg.parallel.etp is None and cfg.expert_tp == 1  # resolved: our layer keeps whole experts per rank
+    megatron = load_config(None, ["moe.impl=megatron", "parallel.tp=2", "data.seq_len=128"])
+    assert megatron.expert_tp == 2  # megatron's default: etp follows tp
+    assert megatron.parallel.etp is None  # derived, not written back: validate() does not mutate
     assert cfg.dense_ffn_hidden_size == 384  # 8/3 * 128 rounded up to 64
 
 
@@ -75,28 +76,28 @@ def test_dump_round_trip(tmp_path):
     ({"model": {"tie_embeddings": 1}},
      "model.tie_embeddings=1 has the wrong type: expected bool, got int."),
     ({"moe": {"dispatcher": "nccl"}},
-     "moe.dispatcher='nccl' is not one of 'alltoall', 'hierarchical', 'allgather'."),
+     "moe.dispatcher='nccl' is not one of 'alltoall', 'hierarchical' for moe.impl=native."),
     ({"moe": {"num_experts": 6}, "parallel": {"ep": 4}},
      "moe.num_experts=6 is not divisible by parallel.ep=4"),
     ({"model": {"hidden_size": 100, "num_attention_heads": 3}},
      "model.hidden_size=100 is not divisible by model.num_attention_heads=3"),
     ({"moe": {"top_k": 9}}, "moe.top_k=9 exceeds moe.num_experts=8"),
     ({"train": {"global_batch_size": 10, "micro_batch_size": 4}},
-     "train.global_batch_size=10 is not divisible by train.micro_batch_size=4"),
+     "train.global_batch_size (10) must be divisible by train.micro_batch_size (4)"),
     ({"parallel": {"tp": 2}, "data": {"seq_len": 33}},
      "data.seq_len=33 is not divisible by parallel.tp=2"),
     ({"train": {"max_steps": 0}}, "train.max_steps=0 must be a positive integer."),
     ({"model": {"moe_every": 9}}, "model.moe_every=9 is larger than model.num_layers=4"),
     ({"moe": {"router": "hash"}}, "moe.router=hash sends each token to one expert: set moe.top_k=1"),
     ({"moe": {"impl": "megatron", "router": "expert_choice"}},
-     "moe.router='expert_choice' needs moe.impl=locmoe"),
+     "moe.router='expert_choice' needs moe.impl=native"),
     ({"moe": {"pad_to_capacity": True}},
      "moe.pad_to_capacity=true needs a capacity to pad to: moe.router=topk with a "
-     "moe.capacity_factor, or moe.router=locmoe_plus with moe.locmoe.mode tcr_ecr or ecr"),
+     "moe.capacity_factor, or moe.router=locmoe_plus with moe.locmoe_plus.mode tcr_ecr or ecr"),
     ({"moe": {"pad_to_capacity": True, "router": "locmoe_plus", "locmoe": {"mode": "tcr"}}},
      "moe.pad_to_capacity=true needs a capacity to pad to"),
     ({"parallel": {"tp": 2, "etp": 2}},
-     "moe.impl=locmoe keeps whole experts on each rank (expert tensor parallel 1), but "
+     "moe.impl=native keeps whole experts on each rank (expert tensor parallel 1), but "
      "parallel.etp=2"),
     ({"moe": {"router": "locmoe_plus", "capacity_factor": 1.1}},
      "moe.capacity_factor=1.1 does not apply to moe.router=locmoe_plus"),
@@ -136,7 +137,7 @@ def test_base_inheritance(tmp_path):
     with pytest.raises(UserError, match="includes itself"):
         load_config(str(loop), [])
     ablation = load_config(os.path.join(REPO, "configs/ablations/locmoe_plus_tcr_only.yaml"), [])
-    assert ablation.moe.router == "locmoe_plus" and ablation.moe.locmoe.mode == "tcr"
+    assert ablation.moe.router == "locmoe_plus" and ablation.moe.locmoe_plus.mode == "tcr"
     assert ablation.parallel.ranks_per_node == 1 and ablation.moe.top_k == 1
 
 
@@ -151,14 +152,44 @@ def test_missing_and_invalid_file(tmp_path):
 
 def test_layout_checks():
     cfg = load_config(None, ["parallel.ep=2"])
-    assert check_layout(cfg.parallel, 2, 8) == (1, 2, 1)
-    assert check_layout(load_config(None, ["parallel.tp=2"]).parallel, 4, 8) == (1, 2, 4)
-    megatron_tp2 = load_config(None, ["parallel.tp=2", "moe.impl=megatron"]).parallel
-    assert check_layout(megatron_tp2, 4, 8) == (2, 2, 2)
+    assert check_layout(cfg.parallel, 2, cfg.expert_tp) == (1, 2, 1)
+    tp2 = load_config(None, ["parallel.tp=2"])
+    assert check_layout(tp2.parallel, 4, tp2.expert_tp) == (1, 2, 4)
+    megatron_tp2 = load_config(None, ["parallel.tp=2", "moe.impl=megatron"])
+    assert megatron_tp2.expert_tp == 2  # megatron's default: expert TP = TP
+    assert check_layout(megatron_tp2.parallel, 4, megatron_tp2.expert_tp) == (2, 2, 2)
     with pytest.raises(UserError, match="parallel.ep=2 x expert tensor parallel 1 = 2 does not "
                                         "divide the world size 3"):
-        check_layout(cfg.parallel, 3, 8)
+        check_layout(cfg.parallel, 3, 1)
     with pytest.raises(UserError, match="parallel.tp=2 does not divide the world size 3"):
-        check_layout(load_config(None, ["parallel.tp=2"]).parallel, 3, 8)
+        check_layout(load_config(None, ["parallel.tp=2"]).parallel, 3, 1)
     with pytest.raises(UserError, match="parallel.ranks_per_node=3 does not divide"):
-        check_layout(load_config(None, ["parallel.ranks_per_node=3"]).parallel, 4, 8)
+        check_layout(load_config(None, ["parallel.ranks_per_node=3"]).parallel, 4, 1)
+
+
+def test_deprecated_spellings_still_load(tmp_path, capsys):
+    """moe.impl=locmoe and the moe.locmoe section: accepted, with a note naming the new one."""
+    import locmoe_train.config as config_module
+
+    config_module._noted.clear()
+    path = tmp_path / "old.yaml"
+    path.write_text("moe:\n  impl: locmoe\n  router: locmoe_plus\n  top_k: 1\n"
+                    "  locmoe:\n    tau: 0.5\n")
+    cfg = load_config(str(path), ["moe.locmoe.mode=ecr"])
+    assert cfg.moe.impl == "native"
+    assert (cfg.moe.locmoe_plus.tau, cfg.moe.locmoe_plus.mode) == (0.5, "ecr")
+    err = capsys.readouterr().err
+    assert err.count("note: moe.locmoe is deprecated, use moe.locmoe_plus") == 1
+    assert "note: moe.impl=locmoe is deprecated, use moe.impl=native" in err
+    from locmoe_train.config import upgrade_saved
+
+    saved = {"moe": {"impl": "locmoe", "locmoe": {"tau": 0.5}}, "model": {}}
+    assert upgrade_saved(saved) == {"moe": {"impl": "native", "locmoe_plus": {"tau": 0.5}},
+                                    "model": {}}
+
+
+def test_validate_does_not_change_the_config():
+    cfg = load_config(None, ["parallel.tp=2", "data.seq_len=128"])
+    before = cfg.to_dict()
+    cfg.validate()
+    assert cfg.to_dict() == before

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from locmoe_train.config import MoEConfig
 from locmoe_train.errors import UserError
 from locmoe_train.moe.capacity import estimate_q
-from locmoe_train.moe.locmoe_plus import LocMoEPlusRouter, grap_affinity
+from locmoe_train.moe.routers import RouterSetup
+from locmoe_train.moe.routers.locmoe_plus import LocMoEPlusRouter, grap_affinity
 from locmoe_train.moe.losses import locality_loss
 from locmoe_train.moe.routing import RoutingResult
 
@@ -30,13 +31,12 @@ def _router(num_experts=4, top_k=1, hidden=16, seq_len=24, mode="tcr_ecr", tau=1
             max_steps=10):
     cfg = MoEConfig(num_experts=num_experts, top_k=top_k, router="locmoe_plus",
                     aux_loss_coeff=aux_loss_coeff)
-    cfg.locmoe.mode = mode
-    cfg.locmoe.tau = tau
-    cfg.locmoe.learn_tau = learn_tau
-    cfg.locmoe.eval_token_choice = eval_token_choice
+    cfg.locmoe_plus.mode = mode
+    cfg.locmoe_plus.tau = tau
+    cfg.locmoe_plus.learn_tau = learn_tau
+    cfg.locmoe_plus.eval_token_choice = eval_token_choice
     cfg.capacity.factor0 = factor0
-    return LocMoEPlusRouter(cfg, hidden, sequence_parallel=False, sp_group=None, sp_size=1,
-                            seq_len=seq_len, max_steps=max_steps)
+    return LocMoEPlusRouter(cfg, hidden, RouterSetup(seq_len=seq_len, max_steps=max_steps))
 
 
 def _gate_vectors(D, E):
@@ -127,7 +127,7 @@ def test_grap_affinity_zero_vector_is_finite():
 def test_hidden_size_not_divisible_by_num_experts_is_a_user_error():
     cfg = MoEConfig(num_experts=3, top_k=1, router="locmoe_plus")
     with pytest.raises(UserError) as info:
-        LocMoEPlusRouter(cfg, 16, sequence_parallel=False, seq_len=8, max_steps=1)
+        LocMoEPlusRouter(cfg, 16, RouterSetup(seq_len=8, max_steps=1))
     msg = str(info.value)
     assert "model.hidden_size" in msg and "moe.num_experts" in msg
     assert "16" in msg and "3" in msg
@@ -500,15 +500,19 @@ LT = LS * LB
 def _layer(extra=(), node_of_rank=None):
     from locmoe_train.config import load_config
     from locmoe_train.model.gpt import transformer_config
-    from locmoe_train.moe.layer import LocMoELayer
+    from locmoe_train.moe.layer import MoELayer
+    from locmoe_train.parallel.state import MoEParallel
     from locmoe_train.parallel.state import init_parallel
 
     cfg = load_config(None, ["moe.router=locmoe_plus", "moe.top_k=1", f"moe.num_experts={LE}",
                              f"model.hidden_size={LD}", "model.num_attention_heads=4",
                              f"data.seq_len={LS}", "moe.experts=loop", *extra])
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
-    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe,
-                        ffn_hidden_size=LF, seq_len=LS, max_steps=10, node_of_rank=node_of_rank)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
+    parallel = MoEParallel.single()
+    if node_of_rank is not None:
+        parallel.node_of_rank = node_of_rank
+    layer = MoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=LF,
+                     parallel=parallel, setup=RouterSetup(seq_len=LS, max_steps=10))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in layer.parameters():
@@ -547,7 +551,7 @@ def _reference_routing(x_TD, capacity):
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 def test_layer_matches_dense_reference_train_and_eval(megatron_reset, impl):
     # factor0 0.5: C = ceil(0.5 * 8 / 4) = 1 per sequence, 2 for the rank's 16 tokens.
-    cfg, layer = _layer(["moe.capacity.factor0=0.5", "moe.locmoe.tau=0.5",
+    cfg, layer = _layer(["moe.capacity.factor0=0.5", "moe.locmoe_plus.tau=0.5",
                          f"moe.experts={impl}"])
     assert layer.experts.impl == impl
     assert layer.router.controller.capacity == 1
@@ -628,11 +632,8 @@ def test_layer_controller_observes_the_last_training_micro_batch(megatron_reset)
     # The router's step_end drives the controller at estimation steps and keeps its events.
     layer.train()
     layer(x1)
-    n_events = len(layer.router.events)
-    layer.router.step_end(torch.zeros(LE), step=2, loss=torch.tensor(3.0))
-    assert len(layer.router.events) in (n_events, n_events + 1)
-    assert layer.router.gauges()["q"] == pytest.approx(q_of(x1), abs=1e-6)
-    layer.router.step_end(torch.zeros(LE))  # no step: nothing happens
+    events = layer.router.step_end(torch.zeros(LE), step=2, loss=torch.tensor(3.0))
+    assert len(events) in (0, 1)
     assert layer.router.gauges()["q"] == pytest.approx(q_of(x1), abs=1e-6)
 
 
@@ -640,7 +641,7 @@ def test_layer_locality_inactive_on_one_node(megatron_reset):
     cfg, layer = _layer(["moe.locality_loss_coeff=0.01", "moe.aux_loss_coeff=0.03"],
                         node_of_rank=[0])
     assert cfg.moe.locality_loss_coeff == 0.01
-    assert layer.locality_active is False
+    assert "locality_loss" not in layer.stats.aux_names
     assert layer.local_experts.all()  # every expert is on this node
     layer.train()
     x = _layer_input(4).requires_grad_(True)  # the router has no weights: grad via x
@@ -650,9 +651,9 @@ def test_layer_locality_inactive_on_one_node(megatron_reset):
     aux = layer.pop_aux_loss()
     torch.testing.assert_close(aux, 0.03 * routing.aux["load_balancing_loss"])
     assert aux.requires_grad
-    assert layer.stat_locality_loss.item() == 0.0
-    torch.testing.assert_close(layer.stat_load_balancing_loss,
+    assert not hasattr(layer.stats, "locality_loss")
+    torch.testing.assert_close(layer.stats.load_balancing_loss,
                                routing.aux["load_balancing_loss"].detach())
     # Default (no node map) is the same single node.
     _, layer2 = _layer(["moe.locality_loss_coeff=0.01"])
-    assert layer2.locality_active is False
+    assert "locality_loss" not in layer2.stats.aux_names

@@ -12,8 +12,8 @@ import pytest
 
 from locmoe_train.config import load_config
 from locmoe_train.errors import UserError
-from locmoe_train.loggers import TensorBoardSink, WandbSink, expert_counts, scalars
-from locmoe_train.metrics import JsonlSink, MultiSink
+from locmoe_train.sinks.trackers import TensorBoardSink, WandbSink, expert_counts, scalars
+from locmoe_train.sinks.base import JsonlSink, MultiSink
 
 
 def train_record(step: int, loss: float) -> dict:

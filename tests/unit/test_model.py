@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from locmoe_train.config import load_config
-from locmoe_train.model.init import ShardInfo, count_parameters, take_shard
+from locmoe_train.model.init import count_parameters
+from locmoe_train.parallel.sharding import ShardInfo, take_shard
 from locmoe_train.optim.schedule import lr_at
 
 
@@ -43,7 +44,7 @@ def _build(megatron_reset, overrides):
 
     cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64", "moe.num_experts=4",
                              "data.seq_len=16", *overrides])
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
     return cfg, pctx, build_model(cfg, pctx, 100)
 
 
@@ -125,7 +126,7 @@ def test_single_process_init_leaves_no_launcher_variables(megatron_reset, monkey
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     cfg = load_config(None, [])
-    init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
+    init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
     t = torch.ones(3)
     dist.all_reduce(t)
     assert torch.equal(t, torch.ones(3))

@@ -1,4 +1,4 @@
-"""LocMoELayer (router -> dispatcher -> experts -> combine) against a dense reference.
+"""MoELayer (router -> dispatcher -> experts -> combine) against a dense reference.
 
 Legend: s sequence, b batch, T = s*b tokens, D hidden, F expert FFN width,
 E experts.
@@ -26,20 +26,22 @@ T = S * B
 
 
 def _build(overrides, vocab_size=1, weight_seed=0):
-    """One process, TP=EP=1: a LocMoELayer with larger-than-init random weights."""
+    """One process, TP=EP=1: a MoELayer with larger-than-init random weights."""
     from locmoe_train.config import load_config
     from locmoe_train.model.gpt import transformer_config
-    from locmoe_train.moe.layer import LocMoELayer
+    from locmoe_train.moe.layer import MoELayer
+    from locmoe_train.moe.routers import RouterSetup
     from locmoe_train.parallel.state import init_parallel
 
     cfg = load_config(None, [f"moe.num_experts={E}", f"model.hidden_size={D}",
                              "model.num_attention_heads=2", f"moe.ffn_hidden_size={FFN}",
                              "moe.experts=loop", *overrides])
-    pctx = init_parallel(cfg.parallel, cfg.moe.num_experts, "cpu", cfg.train.seed)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
     config = transformer_config(cfg, pctx, torch.float32)
 
     def make(moe_cfg):
-        layer = LocMoELayer(config, moe_cfg, ffn_hidden_size=FFN, vocab_size=vocab_size)
+        layer = MoELayer(config, moe_cfg, ffn_hidden_size=FFN,
+                         setup=RouterSetup(vocab_size=vocab_size))
         g = torch.Generator().manual_seed(weight_seed)
         with torch.no_grad():
             for p in layer.parameters():
@@ -124,7 +126,7 @@ def test_layer_matches_dense_reference(megatron_reset, case, impl):
 
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 def test_layer_hash_router_uses_token_ids_in_b_s_layout(megatron_reset, impl):
-    from locmoe_train.moe.layer import set_token_ids
+    from locmoe_train.moe.layer import token_ids_scope
 
     vocab = 11
     cfg, layer = _layer(["moe.router=hash", "moe.top_k=1", f"moe.experts={impl}"],
@@ -133,11 +135,8 @@ def test_layer_hash_router_uses_token_ids_in_b_s_layout(megatron_reset, impl):
     ids_bs = torch.randint(0, vocab, (B, S), generator=g)
     ids_bs[0, 0] = ids_bs[2, 3] = 7  # one id at two (b, s) places
     x = _input()
-    try:
-        set_token_ids(ids_bs)
+    with token_ids_scope(ids_bs):
         out, _ = layer(x)
-    finally:
-        set_token_ids(None)
     token_ids_T = _token_ids_T(ids_bs)
     routing = _routing(layer, x, token_ids_T)
     expert_T = routing.routing_map_TE.float().argmax(-1)
@@ -324,17 +323,17 @@ def test_layer_stats_and_aux_loss(megatron_reset):
     map_TE = routing.routing_map_TE
     unrouted = int((~map_TE.any(-1)).sum())
     assert unrouted > 0
-    torch.testing.assert_close(layer.stat_tokens_per_expert, map_TE.sum(0).float(), rtol=0, atol=0)
-    torch.testing.assert_close(layer.stat_step_tokens_per_expert, map_TE.sum(0).float(),
+    torch.testing.assert_close(layer.stats.tokens_per_expert, map_TE.sum(0).float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.stats.step_tokens_per_expert, map_TE.sum(0).float(),
                                rtol=0, atol=0)
-    assert layer.stat_tokens_seen.item() == T
-    assert layer.stat_requested_slots.item() == T * 1
-    assert layer.stat_unrouted.item() == unrouted
+    assert layer.stats.tokens_seen.item() == T
+    assert layer.stats.requested_slots.item() == T * 1
+    assert layer.stats.unrouted.item() == unrouted
     lb = routing.aux["load_balancing_loss"]
     z = routing.aux["z_loss"]
     torch.testing.assert_close(z, torch.logsumexp(routing.scores_TE, -1).pow(2).mean())
-    torch.testing.assert_close(layer.stat_load_balancing_loss, lb.detach())
-    torch.testing.assert_close(layer.stat_z_loss, z.detach())
+    torch.testing.assert_close(layer.stats.load_balancing_loss, lb.detach())
+    torch.testing.assert_close(layer.stats.z_loss, z.detach())
 
     aux = layer.pop_aux_loss()
     torch.testing.assert_close(aux, 0.01 * lb + 0.001 * z)
@@ -345,9 +344,9 @@ def test_layer_stats_and_aux_loss(megatron_reset):
 
     # A second training forward accumulates.
     layer(x)
-    torch.testing.assert_close(layer.stat_tokens_per_expert, 2 * map_TE.sum(0).float())
-    assert layer.stat_tokens_seen.item() == 2 * T
-    assert layer.stat_unrouted.item() == 2 * unrouted
+    torch.testing.assert_close(layer.stats.tokens_per_expert, 2 * map_TE.sum(0).float())
+    assert layer.stats.tokens_seen.item() == 2 * T
+    assert layer.stats.unrouted.item() == 2 * unrouted
     assert layer.pop_aux_loss() is not None
 
     # Eval: nothing recorded, no aux loss.
@@ -367,8 +366,8 @@ def test_layer_aux_loss_load_balancing_only(megatron_reset):
     routing = _routing(layer, x)
     assert set(routing.aux) == {"load_balancing_loss"}
     torch.testing.assert_close(layer.pop_aux_loss(), 0.1 * routing.aux["load_balancing_loss"])
-    assert layer.stat_z_loss.item() == 0.0
-    assert layer.stat_requested_slots.item() == T * 2
+    assert "z_loss" not in layer.stats.aux_names  # weight 0: never computed
+    assert layer.stats.requested_slots.item() == T * 2
 
 
 def test_layer_without_aux_terms_has_no_aux_loss(megatron_reset):
@@ -377,8 +376,8 @@ def test_layer_without_aux_terms_has_no_aux_loss(megatron_reset):
     layer(x)
     assert layer.pop_aux_loss() is None
     routing = _routing(layer, x)
-    assert layer.stat_unrouted.item() == int((~routing.routing_map_TE.any(-1)).sum())
-    assert layer.stat_requested_slots.item() == routing.requested_slots == 3 * E
+    assert layer.stats.unrouted.item() == int((~routing.routing_map_TE.any(-1)).sum())
+    assert layer.stats.requested_slots.item() == routing.requested_slots == 3 * E
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
@@ -390,19 +389,20 @@ def test_locmoe_plus_padded_equals_dropless_layout(megatron_reset, mode, impl):
     no capacity: the padded dispatcher falls back to the variable layout)."""
     from locmoe_train.config import load_config
     from locmoe_train.model.gpt import transformer_config
-    from locmoe_train.moe.layer import LocMoELayer
+    from locmoe_train.moe.layer import MoELayer
+    from locmoe_train.moe.routers import RouterSetup
     from locmoe_train.parallel.state import init_parallel
 
     base = [f"moe.num_experts={E}", f"model.hidden_size={D}", "model.num_attention_heads=2",
             f"moe.ffn_hidden_size={FFN}", f"moe.experts={impl}", "moe.router=locmoe_plus",
-            "moe.top_k=1", f"moe.locmoe.mode={mode}", "moe.capacity.factor0=0.5"]
+            "moe.top_k=1", f"moe.locmoe_plus.mode={mode}", "moe.capacity.factor0=0.5"]
     cfgs = [load_config(None, base + [f"moe.pad_to_capacity={p}"]) for p in ("false", "true")]
-    pctx = init_parallel(cfgs[0].parallel, E, "cpu", 0)
+    pctx = init_parallel(cfgs[0].parallel, cfgs[0].expert_tp, "cpu", 0)
     config = transformer_config(cfgs[0], pctx, torch.float32)
     layers = []
     for cfg in cfgs:
         # seq_len S: C0 = ceil(0.5 * 4 * 1 / 4) = 1 per sequence, 3 per expert for 3 sequences.
-        layer = LocMoELayer(config, cfg.moe, ffn_hidden_size=FFN, seq_len=S)
+        layer = MoELayer(config, cfg.moe, ffn_hidden_size=FFN, setup=RouterSetup(seq_len=S))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in layer.parameters():

@@ -17,7 +17,8 @@ import torch
 
 from locmoe_train.config import MoEConfig
 from locmoe_train.errors import UserError
-from locmoe_train.moe.locmoe_plus import LocMoEPlusRouter, grap_affinity
+from locmoe_train.moe.routers import RouterSetup
+from locmoe_train.moe.routers.locmoe_plus import LocMoEPlusRouter, grap_affinity
 from locmoe_train.moe.losses import switch_load_balancing_loss
 from locmoe_train.moe.routers import AuxFreeRouter, ExpertChoiceRouter, HashRouter, TopKRouter
 from locmoe_train.moe.routing import drop_over_capacity, node_limited_mask
@@ -111,7 +112,7 @@ def _x(seed: int, D: int) -> torch.Tensor:
 
 def _topk(max_nodes, **kw):
     cfg = MoEConfig(num_experts=8, top_k=2, max_nodes_per_token=max_nodes, **kw)
-    router = TopKRouter(cfg, 8, sequence_parallel=False)
+    router = TopKRouter(cfg, 8)
     with torch.no_grad():
         router.weight.copy_(torch.eye(8))
     return router
@@ -120,7 +121,7 @@ def _topk(max_nodes, **kw):
 def _expert_choice(max_nodes, **kw):
     cfg = MoEConfig(router="expert_choice", num_experts=8, top_k=2,
                     max_nodes_per_token=max_nodes, **kw)
-    router = ExpertChoiceRouter(cfg, 8, sequence_parallel=False)
+    router = ExpertChoiceRouter(cfg, 8)
     with torch.no_grad():
         router.weight.copy_(torch.eye(8))
     return router
@@ -129,7 +130,7 @@ def _expert_choice(max_nodes, **kw):
 def _aux_free(max_nodes, **kw):
     cfg = MoEConfig(router="aux_free", num_experts=8, top_k=2, max_nodes_per_token=max_nodes,
                     **kw)
-    router = AuxFreeRouter(cfg, 8, sequence_parallel=False)
+    router = AuxFreeRouter(cfg, 8)
     with torch.no_grad():
         router.weight.copy_(torch.eye(8))
         # A bias large enough to change choices, so nodes must be ranked by score + bias.
@@ -141,10 +142,10 @@ def _locmoe(mode):
     def build(max_nodes, **kw):
         cfg = MoEConfig(router="locmoe_plus", num_experts=8, top_k=2,
                         max_nodes_per_token=max_nodes, **kw)
-        cfg.locmoe.mode = mode
+        cfg.locmoe_plus.mode = mode
         cfg.capacity.factor0 = 0.8  # C < T * K / E: expert choice really drops
         cfg.capacity.multiple = 1
-        return LocMoEPlusRouter(cfg, 16, sequence_parallel=False, seq_len=T, max_steps=10)
+        return LocMoEPlusRouter(cfg, 16, RouterSetup(seq_len=T, max_steps=10))
     return build
 
 
@@ -234,7 +235,7 @@ def _topk_4x2(max_nodes, renormalize=False):
     """4 experts on 2 nodes ({e0, e1}, {e2, e3}), top-2, logits = input."""
     cfg = MoEConfig(num_experts=4, top_k=2, max_nodes_per_token=max_nodes,
                     renormalize=renormalize)
-    router = TopKRouter(cfg, 4, sequence_parallel=False)
+    router = TopKRouter(cfg, 4)
     with torch.no_grad():
         router.weight.copy_(torch.eye(4))
     router.expert_node_E = torch.tensor([0, 0, 1, 1])
@@ -367,7 +368,7 @@ def test_locmoe_plus_eval_token_choice_respects_the_limit():
 
 def test_hash_router_ignores_the_limit():
     cfg = MoEConfig(router="hash", num_experts=8, top_k=1, max_nodes_per_token=1)
-    router = HashRouter(cfg, 8, sequence_parallel=False, vocab_size=100, seed=0)
+    router = HashRouter(cfg, 8, RouterSetup(vocab_size=100, seed=0))
     router.expert_node_E = torch.tensor(BLOCKS_8x4)
     map_TE = router(torch.zeros(30, 8), torch.arange(30)).routing_map_TE
     assert (map_TE.sum(-1) == 1).all()
@@ -377,20 +378,18 @@ def test_hash_router_ignores_the_limit():
 
 
 @pytest.mark.parametrize("name", ["topk", "aux_free", "locmoe_plus"])
-def test_too_few_experts_on_max_nodes_is_a_user_error_at_first_forward(name):
+def test_too_few_experts_on_max_nodes_is_a_user_error_when_placed(name):
     kw = dict(num_experts=8, top_k=4, max_nodes_per_token=1)
     if name == "topk":
-        router, D = TopKRouter(MoEConfig(**kw), 8, sequence_parallel=False), 8
+        router, D = TopKRouter(MoEConfig(**kw), 8), 8
     elif name == "aux_free":
-        router, D = AuxFreeRouter(MoEConfig(router="aux_free", **kw), 8,
-                                  sequence_parallel=False), 8
+        router, D = AuxFreeRouter(MoEConfig(router="aux_free", **kw), 8), 8
     else:
         router, D = LocMoEPlusRouter(MoEConfig(router="locmoe_plus", **kw), 16,
-                                     sequence_parallel=False, seq_len=T), 16
+                                     RouterSetup(seq_len=T)), 16
     router(_x(0, D))  # no placement yet: nothing to check
-    router.expert_node_E = torch.tensor(BLOCKS_8x4)
-    with pytest.raises(UserError) as err:
-        router(_x(0, D))
+    with pytest.raises(UserError) as err:  # the layer places experts when it builds the router
+        router.expert_node_E = torch.tensor(BLOCKS_8x4)
     message = str(err.value)
     assert "moe.max_nodes_per_token=1" in message and "moe.top_k=4" in message
     assert "moe.max_nodes_per_token >= 2" in message and "moe.top_k <= 2" in message
@@ -398,9 +397,8 @@ def test_too_few_experts_on_max_nodes_is_a_user_error_at_first_forward(name):
 
 def test_uneven_placement_checks_the_smallest_nodes():
     router = _topk(1)  # top_k 2
-    router.expert_node_E = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2])  # node 1 holds one expert
     with pytest.raises(UserError, match="moe.max_nodes_per_token >= 2"):
-        router(_x(0, 8))
+        router.expert_node_E = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2])  # node 1: one expert
     router = _topk(2)  # any two nodes hold >= 2 experts
     router.expert_node_E = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2])
     result = router(_x(0, 8))
@@ -408,12 +406,11 @@ def test_uneven_placement_checks_the_smallest_nodes():
 
 
 def test_enough_experts_or_expert_choice_is_fine():
-    router = TopKRouter(MoEConfig(num_experts=8, top_k=4, max_nodes_per_token=2), 8,
-                        sequence_parallel=False)
+    router = TopKRouter(MoEConfig(num_experts=8, top_k=4, max_nodes_per_token=2), 8)
     router.expert_node_E = torch.tensor(BLOCKS_8x4)
     assert (router(_x(0, 8)).routing_map_TE.sum(-1) == 4).all()
     # Expert choice has no per-token count: top_k 4 with M=1 is allowed.
     router = ExpertChoiceRouter(MoEConfig(router="expert_choice", num_experts=8, top_k=4,
-                                          max_nodes_per_token=1), 8, sequence_parallel=False)
+                                          max_nodes_per_token=1), 8)
     router.expert_node_E = torch.tensor(BLOCKS_8x4)
     assert (_nodes_per_token(router(_x(0, 8)).routing_map_TE, BLOCKS_8x4) <= 1).all()

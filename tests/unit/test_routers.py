@@ -15,7 +15,7 @@ import torch
 
 from locmoe_train.config import MoEConfig
 from locmoe_train.moe.losses import router_z_loss, switch_load_balancing_loss
-from locmoe_train.moe.routers import (AuxFreeRouter, ExpertChoiceRouter, HashRouter,
+from locmoe_train.moe.routers import (RouterSetup, AuxFreeRouter, ExpertChoiceRouter, HashRouter,
                                       TopKRouter)
 from locmoe_train.moe.routing import RoutingResult, drop_over_capacity, expert_capacity
 
@@ -23,7 +23,7 @@ from locmoe_train.moe.routing import RoutingResult, drop_over_capacity, expert_c
 def _router(cls, logits_TE=None, **moe_kwargs):
     """A router whose logits equal its input (weight = identity, D = E)."""
     cfg = MoEConfig(**moe_kwargs)
-    router = cls(cfg, cfg.num_experts, sequence_parallel=False)
+    router = cls(cfg, cfg.num_experts)
     with torch.no_grad():
         router.weight.copy_(torch.eye(cfg.num_experts))
     return router
@@ -289,7 +289,7 @@ def test_topk_router_z_loss():
 
 def test_router_logits_come_from_the_weight():
     cfg = MoEConfig(num_experts=3, top_k=1)
-    router = TopKRouter(cfg, 2, sequence_parallel=True)
+    router = TopKRouter(cfg, 2, RouterSetup(sequence_parallel=True))
     assert router.weight.shape == (3, 2)
     assert getattr(router.weight, "sequence_parallel") is True
     with torch.no_grad():
@@ -442,7 +442,7 @@ def test_aux_free_router_bias_round_trips_through_state_dict():
 
 def _hash(vocab_size=10, seed=0, num_experts=4):
     cfg = MoEConfig(router="hash", num_experts=num_experts, top_k=1)
-    return HashRouter(cfg, 8, sequence_parallel=False, vocab_size=vocab_size, seed=seed)
+    return HashRouter(cfg, 8, RouterSetup(vocab_size=vocab_size, seed=seed))
 
 
 def test_hash_router_same_token_same_expert_gate_one():

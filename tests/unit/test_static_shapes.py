@@ -19,22 +19,23 @@ E, D, FFN, S, B = 4, 16, 16, 4, 3  # bf16 grouped_mm wants 16-byte strides
 PADDED = {
     "topk_capacity": ["moe.router=topk", "moe.top_k=2", "moe.capacity_factor=0.5"],
     "locmoe_plus": ["moe.router=locmoe_plus", "moe.top_k=1", "moe.capacity.factor0=0.5"],
-    "locmoe_plus_ecr": ["moe.router=locmoe_plus", "moe.top_k=1", "moe.locmoe.mode=ecr",
+    "locmoe_plus_ecr": ["moe.router=locmoe_plus", "moe.top_k=1", "moe.locmoe_plus.mode=ecr",
                         "moe.capacity.factor0=0.5"],
 }
 
 
 def _fake_step(overrides):
     from locmoe_train.model.gpt import transformer_config
-    from locmoe_train.moe.layer import LocMoELayer
+    from locmoe_train.moe.layer import MoELayer
+    from locmoe_train.moe.routers import RouterSetup
     from locmoe_train.parallel.state import init_parallel
 
     cfg = load_config(None, [f"moe.num_experts={E}", f"model.hidden_size={D}",
                              "model.num_attention_heads=2", f"moe.ffn_hidden_size={FFN}",
                              "moe.experts=grouped", "moe.z_loss_coeff=0.001", *overrides])
-    pctx = init_parallel(cfg.parallel, E, "cpu", 0)
-    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe,
-                        ffn_hidden_size=FFN, seq_len=S).to(torch.bfloat16)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", 0)
+    layer = MoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe,
+                     ffn_hidden_size=FFN, setup=RouterSetup(seq_len=S)).to(torch.bfloat16)
     x = torch.randn(S, B, D, dtype=torch.bfloat16, requires_grad=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
         out, _ = layer(x)

@@ -45,91 +45,17 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from locmoe_train.errors import UserError
+from locmoe_train.hf.plan import ARCHITECTURES, Plan, plan_export  # noqa: F401
 
-ARCHITECTURES = ("auto", "mixtral", "locmoe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Routers the custom model implements; Mixtral covers topk with renormalisation.
-CUSTOM_ROUTERS = ("topk", "locmoe_plus", "aux_free")
-REFUSED_ROUTERS = {
-    "expert_choice": "each expert picks its tokens from the whole batch, which a causal "
-                     "language model cannot reproduce token by token",
-    "hash": "its experts depend on the token ids, which transformers does not pass to the "
-            "MLP layers",
-}
 CUSTOM_FILES = ("configuration_locmoe.py", "modeling_locmoe.py")
 # Token ids of the validation split that the tokenizer check decodes and re-encodes.
 CHECK_TOKENS = 50_000
-
-
-@dataclass
-class Plan:
-    architecture: str  # "mixtral" or "locmoe"
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- architecture
-def mixtral_mismatches(cfg) -> list[str]:
-    """The settings of ``cfg`` that Mixtral cannot express (empty: it fits)."""
-    out = []
-    if cfg.moe.router != "topk":
-        out.append(f"moe.router={cfg.moe.router} (Mixtral routes with a learned softmax top-k "
-                   f"gate: moe.router=topk)")
-    elif not cfg.moe.renormalize:
-        out.append("moe.renormalize=false (Mixtral renormalises the chosen top-k gates)")
-    if cfg.model.moe_every != 1:
-        out.append(f"model.moe_every={cfg.model.moe_every} (every Mixtral layer is an MoE "
-                   f"layer: model.moe_every=1)")
-    return out
-
-
-def plan_export(cfg, requested: str = "auto") -> Plan:
-    """Pick the architecture for ``cfg`` (UserError if it cannot be exported) and collect
-    what the user must know about the differences from the training run."""
-    if requested not in ARCHITECTURES:
-        raise UserError(f"--architecture {requested!r} is not one of {', '.join(ARCHITECTURES)}.")
-    moe = cfg.moe
-    if moe.router in REFUSED_ROUTERS:
-        raise UserError(
-            f"moe.router={moe.router} cannot be exported to transformers: "
-            f"{REFUSED_ROUTERS[moe.router]}. Exportable routers: topk (as Mixtral, or as the "
-            f"custom locmoe model), locmoe_plus and aux_free (custom locmoe model).")
-    mismatches = mixtral_mismatches(cfg)
-    if requested == "mixtral" and mismatches:
-        raise UserError(
-            "--architecture mixtral cannot express this checkpoint: " + "; ".join(mismatches)
-            + ". Use --architecture auto (or locmoe) to export the custom locmoe model, "
-              "loaded with trust_remote_code=True.")
-    arch = requested if requested != "auto" else ("locmoe" if mismatches else "mixtral")
-    plan = Plan(arch)
-    if moe.capacity_factor is not None and moe.router == "topk":
-        plan.warnings.append(
-            f"moe.capacity_factor={moe.capacity_factor}: the training run dropped tokens "
-            f"routed to a full expert (in evaluation too); the exported model is dropless "
-            f"(every token reaches its top_k experts), so its outputs differ from this run's "
-            f"wherever an expert overflowed.")
-    if moe.router == "locmoe_plus" and moe.locmoe.mode != "tcr":
-        if moe.locmoe.eval_token_choice:
-            plan.notes.append(
-                f"LocMoE+ expert capacity (moe.locmoe.mode={moe.locmoe.mode}) applies in "
-                f"training only; the exported model routes by token choice, as this run's "
-                f"evaluation does.")
-        else:
-            plan.warnings.append(
-                "moe.locmoe.eval_token_choice=false: this run evaluated with LocMoE+ expert "
-                "capacity, which depends on the whole sequence; the exported model routes by "
-                "token choice without capacity, so its outputs differ where tokens were dropped.")
-    if moe.max_nodes_per_token is not None:
-        plan.warnings.append(
-            f"moe.max_nodes_per_token={moe.max_nodes_per_token}: node-limited routing depends "
-            f"on the training cluster's expert placement; the exported model chooses among "
-            f"all experts.")
-    return plan
 
 
 # ------------------------------------------------------------------ tensors
@@ -211,6 +137,8 @@ def convert_tensors(cfg, src: dict, architecture: str, vocab_size: int) -> dict:
 
 # ------------------------------------------------------------------- config
 def hf_config(cfg, plan: Plan, vocab_size: int, eos_id: int | None, dtype: str):
+    from locmoe_train.moe.routers import router_class
+
     m, moe = cfg.model, cfg.moe
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=m.hidden_size,
@@ -232,7 +160,8 @@ def hf_config(cfg, plan: Plan, vocab_size: int, eos_id: int | None, dtype: str):
     else:
         from locmoe_train.hf.configuration_locmoe import LocMoEConfig
 
-        config = LocMoEConfig(**kwargs, router_type=moe.router, renormalize=moe.renormalize,
+        config = LocMoEConfig(**kwargs, router_type=router_class(moe.router).hf_export(moe).router_type,
+                              renormalize=moe.renormalize,
                               moe_every=m.moe_every,
                               dense_intermediate_size=cfg.dense_ffn_hidden_size)
         config.architectures = ["LocMoEForCausalLM"]
@@ -325,11 +254,9 @@ def export_tokenizer(source: TokenizerSource, out_dir: str, vocab_size: int) -> 
 # ------------------------------------------------------------------- export
 def resolve_checkpoint(path: str) -> str:
     """A ``step_*`` directory, or a checkpoint directory with a ``latest`` pointer."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    return path
+    from locmoe_train.checkpoint import resolve
+
+    return resolve(path)
 
 
 def _progress(total: int, desc: str):
@@ -337,6 +264,25 @@ def _progress(total: int, desc: str):
 
     return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
                 mininterval=0.5)
+
+
+def _converted_state(path: str, meta: dict, cfg, plan: Plan, dtype: str) -> dict:
+    """The exported model's tensors, read from the checkpoint and converted, in ``dtype``."""
+    from locmoe_train.checkpoint import read_full_tensors
+
+    count = sum(1 for k in meta["tensors"] if k.startswith("model/"))
+    bar = _progress(count, "reading checkpoint")
+    _, src = read_full_tensors(path, progress=bar.update)
+    bar.close()
+    state = convert_tensors(cfg, src, plan.architecture, cfg.model.vocab_size)
+    bar = _progress(len(state), "converting")
+    for name in state:
+        # Own, contiguous storage: safetensors rejects views of one buffer (w1/w3 are
+        # halves of fc1) and the sources may be memory-mapped checkpoint files.
+        state[name] = state[name].to(DTYPES[dtype]).clone(memory_format=torch.contiguous_format)
+        bar.update(1)
+    bar.close()
+    return state
 
 
 def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
@@ -352,8 +298,8 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
                         f"({e}); install them with `pip install 'locmoe-train[hf]'`.") from None
     from transformers import GenerationConfig
 
-    from locmoe_train.checkpoint import read_full_tensors, validate_checkpoint
-    from locmoe_train.config import TrainConfig, from_dict
+    from locmoe_train.checkpoint import validate_checkpoint
+    from locmoe_train.config import TrainConfig, from_dict, upgrade_saved
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
@@ -368,7 +314,7 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
                         f"directory or pass --force to replace it.")
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    cfg = from_dict(TrainConfig, meta["config"], "")
+    cfg = from_dict(TrainConfig, upgrade_saved(meta["config"]), "")
     plan = plan_export(cfg, architecture)
     vocab_size = cfg.model.vocab_size
     source = find_tokenizer(tokenizer, cfg.data.path)
@@ -381,19 +327,7 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        count = sum(1 for k in meta["tensors"] if k.startswith("model/"))
-        bar = _progress(count, "reading checkpoint")
-        _, src = read_full_tensors(path, progress=bar.update)
-        bar.close()
-        state = convert_tensors(cfg, src, plan.architecture, vocab_size)
-        bar = _progress(len(state), "converting")
-        for name in state:
-            # Own, contiguous storage: safetensors rejects views of one buffer (w1/w3 are
-            # halves of fc1) and the sources may be memory-mapped checkpoint files.
-            state[name] = state[name].to(DTYPES[dtype]).clone(
-                memory_format=torch.contiguous_format)
-            bar.update(1)
-        bar.close()
+        state = _converted_state(path, meta, cfg, plan, dtype)
         safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"),
                                     metadata={"format": "pt"})
         eos_id = None
@@ -404,7 +338,7 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
         config = hf_config(cfg, plan, vocab_size, eos_id, dtype)
         config.save_pretrained(tmp)
         if plan.architecture == "locmoe":
-            here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
+            here = os.path.dirname(os.path.abspath(__file__))
             for name in CUSTOM_FILES:
                 shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
         GenerationConfig(bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id

@@ -1,4 +1,5 @@
-"""LocMoE+ affinity router (``moe.router: locmoe_plus``), METHOD.md sections 1-2.
+"""LocMoE+ affinity router (``moe.router: locmoe_plus``, settings in
+``moe.locmoe_plus``), METHOD.md sections 1-2.
 
 Legend: T tokens on this rank, D hidden, E experts, K (= l) experts per token,
 B = D / E channels per expert block, C capacity per sequence.
@@ -12,12 +13,12 @@ B = D / E channels per expert block, C capacity per sequence.
 * Token choice (TCR): each token takes its top-K experts by affinity.
 * Expert choice (ECR): each expert keeps at most its C best candidates by
   affinity (per rank: ``C_local = ceil(C * T / seq_len)``), or with
-  ``moe.locmoe.ranking: global`` the C best over the TP/sequence-parallel group.
+  ``moe.locmoe_plus.ranking: global`` the C best over the TP/sequence-parallel group.
 * Gate value: ``softmax(delta / tau)`` at the kept experts, not renormalised.
 * C comes from the ``CapacityController`` (moe/capacity.py), re-estimated
   every ``moe.capacity.interval`` steps in ``step_end``.
 * Evaluation runs token choice only (ECR is non-causal) unless
-  ``moe.locmoe.eval_token_choice`` is false.
+  ``moe.locmoe_plus.eval_token_choice`` is false.
 * Node limit (``moe.max_nodes_per_token = M``): nodes are ranked per token by
   their best affinity; TCR takes the top-K among the experts on the token's
   top-M nodes, and in ``ecr`` mode expert e's candidates are only the tokens
@@ -34,7 +35,8 @@ from torch import nn
 
 from locmoe_train.errors import UserError
 from locmoe_train.moe.capacity import CapacityController
-from locmoe_train.moe.routers import Router, _topk_map
+from locmoe_train.moe.routers import register_router
+from locmoe_train.moe.routers.base import HFExport, Router, RouterSetup, topk_map
 from locmoe_train.moe.routing import RoutingResult, drop_over_capacity
 
 
@@ -48,30 +50,27 @@ def grap_affinity(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
     return sums_TE / (math.sqrt(block) * norm_T1)
 
 
+@register_router("locmoe_plus")
 class LocMoEPlusRouter(Router):
     adapts_to_load = True
-    init_kwargs = ("seq_len", "max_steps")
+    aux_terms = ("load_balancing_loss", "z_loss", "locality_loss")
 
-    def __init__(self, cfg, hidden_size, sequence_parallel, sp_group=None, sp_size=1,
-                 seq_len: int = 1, max_steps: int = 1):
-        nn.Module.__init__(self)
+    def __init__(self, cfg, hidden_size, setup: RouterSetup = RouterSetup()):
         if hidden_size % cfg.num_experts:
             raise UserError(
                 f"moe.router=locmoe_plus splits the hidden vector into one block per expert, so "
                 f"model.hidden_size={hidden_size} must be divisible by moe.num_experts="
                 f"{cfg.num_experts}.")
-        self.cfg, self.lcfg = cfg, cfg.locmoe
-        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
-        self.sp_group, self.sp_size = sp_group, sp_size
+        super().__init__(cfg, hidden_size, setup)
+        self.lcfg = cfg.locmoe_plus
         tau = torch.tensor(float(self.lcfg.tau))
         if self.lcfg.learn_tau:
             self.tau = nn.Parameter(tau)
-            setattr(self.tau, "sequence_parallel", sequence_parallel)
+            setattr(self.tau, "sequence_parallel", setup.sequence_parallel)
         else:
             self.register_buffer("tau", tau)
-        self.controller = CapacityController(cfg.capacity, seq_len, cfg.top_k, cfg.num_experts,
-                                             hidden_size, max_steps)
-        self.events: list[dict] = []
+        self.controller = CapacityController(cfg.capacity, setup.seq_len, cfg.top_k,
+                                             cfg.num_experts, hidden_size, setup.max_steps)
 
     def _capacity_applies(self) -> bool:
         if self.lcfg.mode == "tcr":
@@ -83,8 +82,8 @@ class LocMoEPlusRouter(Router):
         delta_TE = grap_affinity(x_TD, self.num_experts)
         logits_TE = delta_TE / self.tau
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        allowed_TE = self._node_mask(delta_TE)
-        selected_TE, top_TK = _topk_map(delta_TE.detach(), self.top_k, allowed_TE)
+        allowed_TE = self.node_mask(delta_TE)
+        selected_TE, top_TK = topk_map(delta_TE.detach(), self.top_k, allowed_TE)
         kept_TE, capacity, requested = selected_TE, None, T * self.top_k
         if self._capacity_applies():
             capacity = self.controller.local_capacity(T)
@@ -108,8 +107,8 @@ class LocMoEPlusRouter(Router):
         if self.training:
             self.controller.observe(delta_TE.detach(), top_TK[:, 0])
         return RoutingResult(kept_TE, probs_TE * kept_TE, delta_TE, requested_slots=requested,
-                             capacity=capacity, aux=self._aux(logits_TE, probs_TE, selected_TE),
-                             probs_TE=probs_TE)
+                             capacity=capacity, probs_TE=probs_TE, selected_TE=selected_TE,
+                             logits_TE=logits_TE)
 
     def _expert_choice(self, candidates_TE, delta_TE, capacity: int) -> torch.Tensor:
         """Keep each expert's best ``capacity`` candidates by affinity (this rank, or the SP group)."""
@@ -127,19 +126,69 @@ class LocMoEPlusRouter(Router):
         threshold_E = torch.topk(gathered, group_capacity, dim=0).values[-1]
         return candidates_TE & (masked >= threshold_E)
 
-    def step_end(self, counts_E, step=None, loss=None) -> None:
+    def step_end(self, counts_E, step=None, loss=None) -> list[dict]:
         if step is None:
-            return
+            return []
         if loss is not None:
             self.controller.record_loss(step, loss)
         event = self.controller.step_end(step)
         # Token choice alone applies no capacity: the controller still measures
         # (q, target, C_min are diagnostics) but its C is not in effect.
-        if event is not None and self.lcfg.mode != "tcr":
-            self.events.append(event)
+        if event is None or self.lcfg.mode == "tcr":
+            return []
+        return [event]
 
     def gauges(self) -> dict[str, float]:
         gauges = self.controller.gauges()
         if self.lcfg.mode == "tcr":
             del gauges["capacity"]
         return gauges
+
+    def checkpoint_state(self) -> dict:
+        return {"controller": self.controller.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        if "controller" in state:
+            self.controller.load_state_dict(state["controller"])
+
+    # ---- class-level answers -------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        if cfg.capacity_factor is not None:
+            raise UserError(
+                f"moe.capacity_factor={cfg.capacity_factor} does not apply to "
+                f"moe.router=locmoe_plus, whose capacity starts at moe.capacity.factor0 and is "
+                f"managed by moe.capacity.policy: remove moe.capacity_factor.")
+        if cfg.locmoe_plus.tau <= 0:
+            raise UserError(f"moe.locmoe_plus.tau={cfg.locmoe_plus.tau} must be > 0.")
+
+    @classmethod
+    def applies_capacity(cls, cfg) -> bool:
+        return cfg.locmoe_plus.mode != "tcr"
+
+    @classmethod
+    def describe_capacity(cls, cfg) -> str:
+        if cfg.locmoe_plus.mode == "tcr":
+            return "none (token choice only)"
+        c = cfg.capacity
+        if c.policy == "controller":
+            return f"{c.policy} from factor {c.factor0} (every {c.interval} steps after {c.warmup})"
+        return f"{c.policy} from factor {c.factor0}"
+
+    @classmethod
+    def hf_export(cls, cfg) -> HFExport:
+        notes, warnings = (), ()
+        mode = cfg.locmoe_plus.mode
+        if mode != "tcr" and cfg.locmoe_plus.eval_token_choice:
+            notes = (f"LocMoE+ expert capacity (moe.locmoe_plus.mode={mode}) applies in "
+                     f"training only; the exported model routes by token choice, as this run's "
+                     f"evaluation does.",)
+        elif mode != "tcr":
+            warnings = ("moe.locmoe_plus.eval_token_choice=false: this run evaluated with "
+                        "LocMoE+ expert capacity, which depends on the whole sequence; the "
+                        "exported model routes by token choice without capacity, so its outputs "
+                        "differ where tokens were dropped.",)
+        return HFExport("custom", "locmoe_plus", notes=notes, warnings=warnings,
+                        mixtral_mismatch="moe.router=locmoe_plus (Mixtral routes with a learned "
+                                         "softmax top-k gate: moe.router=topk)")

@@ -1,0 +1,133 @@
+"""The MoE layer's configuration: ``moe``, with its ``capacity`` and ``locmoe_plus`` sections.
+
+Owns the schema of the ``moe`` section and the checks that need nothing but
+it (``MoEConfig.validate``). Choices that belong to one component are asked
+of that component: the impl (``moe/impls.py``) validates its dispatcher and
+router choices, the router class validates its own settings. Checks that
+combine ``moe`` with other sections (experts per EP rank, expert widths per
+TP rank) live in the root ``TrainConfig.validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from locmoe_train.errors import UserError
+
+
+@dataclass
+class CapacityConfig:
+    """LocMoE+ expert capacity C (tokens per expert per sequence), METHOD.md section 3."""
+    # controller: re-estimate every `interval` steps; fixed: C0 forever;
+    # linear_decay: factor falls linearly factor0 -> decay_to over the first decay_fraction of steps.
+    policy: Literal["controller", "fixed", "linear_decay"] = "controller"
+    # C0 = ceil(factor0 * seq_len * top_k / num_experts)
+    factor0: float = 1.1
+    interval: int = 100
+    # No re-estimation before this optimizer step.
+    warmup: int = 100
+    # C never drops below ceil(min_fraction * C0).
+    min_fraction: float = 0.4
+    # C_ema <- ema * C_ema + (1 - ema) * C_target
+    ema: float = 0.9
+    # C is rounded up to a multiple of this (8 on CPU, 64 on GPU suit the hardware).
+    multiple: int = 8
+    # Roll C back when the mean training loss over the `rollback_window` steps
+    # after a cut exceeds the window before it by more than `rollback_tolerance` (relative).
+    rollback_window: int = 50
+    rollback_tolerance: float = 0.02
+    decay_to: float = 0.66
+    decay_fraction: float = 0.1
+
+    def validate(self) -> None:
+        for key in ("interval", "multiple", "rollback_window"):
+            if getattr(self, key) < 1:
+                raise UserError(f"moe.capacity.{key}={getattr(self, key)} must be >= 1.")
+        if not 0 < self.min_fraction <= 1 or not 0 <= self.ema < 1 or self.factor0 <= 0:
+            raise UserError(
+                f"moe.capacity needs 0 < min_fraction <= 1, 0 <= ema < 1 and factor0 > 0 "
+                f"(got min_fraction={self.min_fraction}, ema={self.ema}, factor0={self.factor0}).")
+
+
+
+@dataclass
+class LocMoEPlusConfig:
+    """The affinity router (moe.router=locmoe_plus), METHOD.md sections 1-2."""
+    # tcr_ecr: token choice then expert choice (LocMoE+); tcr: token choice only
+    # (no capacity); ecr: expert choice only (each expert's top-C tokens).
+    mode: Literal["tcr_ecr", "tcr", "ecr"] = "tcr_ecr"
+    # Gate value softmax(affinity / tau).
+    tau: float = 1.0
+    learn_tau: bool = False
+    # local: each rank ranks its own tokens; global: thresholds over the TP/SP group.
+    ranking: Literal["local", "global"] = "local"
+    # At evaluation run token choice only (ECR is non-causal).
+    eval_token_choice: bool = True
+
+
+@dataclass
+class MoEConfig:
+    # Which MoE layer the layer spec plugs in: ours, or megatron-core's MoELayer
+    # (top-k router only; kept for comparisons on the same model).
+    # (``locmoe`` is the deprecated spelling of ``native``.)
+    impl: Literal["native", "megatron"] = "native"
+    # A name from the router registry (moe/routers/): topk (Switch/GShard softmax
+    # top-k), expert_choice (Zhou et al. 2022), aux_free (DeepSeek-V3 sigmoid
+    # scores + load-driven bias), hash (token-id hash), locmoe_plus.
+    router: str = "topk"
+    num_experts: int = 8
+    top_k: int = 2
+    # Per-expert SwiGLU width; null = model.ffn_hidden_size.
+    ffn_hidden_size: Optional[int] = None
+    # topk: rescale the chosen experts' probabilities to sum to 1.
+    renormalize: bool = False
+    # null = dropless; a number = capacity factor with token dropping
+    # (expert_choice: average experts per token, default top_k).
+    capacity_factor: Optional[float] = None
+    # Which tokens an over-full expert keeps: highest probability, or earliest.
+    drop_policy: Literal["probs", "position"] = "probs"
+    # Give every expert exactly its capacity (static shapes, no host sync).
+    pad_to_capacity: bool = False
+    # A name from the impl's dispatcher registry. native: alltoall (flat EP
+    # all-to-all) or hierarchical (locality-aware, one message per node pair
+    # across nodes); megatron: alltoall or allgather.
+    dispatcher: str = "alltoall"
+    # Expert FFN implementation: grouped GEMM, per-expert loop, or auto
+    # (grouped on CUDA, loop on CPU).
+    experts: Literal["auto", "grouped", "loop"] = "auto"
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.0
+    # aux_free router: bias step per optimizer step (DeepSeek-V3's gamma).
+    bias_update_rate: float = 1e-3
+    # LocMoE locality loss mu * KL(D_c || D_l); active only when the experts of
+    # the EP group live on more than one node (real or parallel.ranks_per_node).
+    locality_loss_coeff: float = 0.0
+    locality_eps: float = 0.1
+    # Node-limited routing: each token may use experts on at most this many
+    # nodes, nodes ranked by their best expert score (DeepSeek-V3); null = no limit.
+    max_nodes_per_token: Optional[int] = None
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    # (``moe.locmoe`` is the deprecated spelling of this section.)
+    locmoe_plus: LocMoEPlusConfig = field(default_factory=LocMoEPlusConfig)
+
+    def validate(self) -> "MoEConfig":
+        """Checks of the ``moe`` section alone (the config is not changed)."""
+        from locmoe_train.moe.impls import impl_class
+
+        for key in ("num_experts", "top_k"):
+            if getattr(self, key) < 1:
+                raise UserError(f"moe.{key}={getattr(self, key)} must be a positive integer.")
+        if self.top_k > self.num_experts:
+            raise UserError(
+                f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}: "
+                f"a token cannot use more experts than exist.")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise UserError(f"moe.capacity_factor={self.capacity_factor} must be > 0, "
+                            f"or null for dropless routing.")
+        if self.max_nodes_per_token is not None and self.max_nodes_per_token < 1:
+            raise UserError(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 1 "
+                            f"(or null for no limit).")
+        self.capacity.validate()
+        impl_class(self.impl).validate(self)
+        return self

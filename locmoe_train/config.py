@@ -1,11 +1,16 @@
-"""Typed run configuration: dataclasses per section, YAML load/dump, overrides.
+"""Typed run configuration: the root ``TrainConfig``, YAML load/dump, overrides, coercion.
 
-Owns the schema of a run (``TrainConfig`` and its sections), turning YAML and
-``--section.key=value`` overrides into it with type checks that name the key
-path, and the cross-field checks that need no process group
-(``TrainConfig.validate``). Checks that need the world size live in
-``parallel/state.py``. Components read their section; nothing else parses
-config files.
+Owns the root of a run's schema and the small sections (data, optim, train,
+checkpoint, logging); the others live beside their components, each with its
+own ``validate()``: ``model/config.py``, ``moe/config.py`` (with ``capacity``
+and ``locmoe_plus``), ``parallel/config.py``, ``adak/config.py``. This module
+turns YAML and ``--section.key=value`` overrides into the schema with type
+checks that name the key path, accepts deprecated spellings with a note
+(``RENAMED_KEYS``, ``RENAMED_VALUES``; ``upgrade_saved`` for saved configs),
+and runs the checks that span sections (``TrainConfig.validate``, which
+never changes the config: derived values such as ``expert_tp`` are
+properties). Checks that need the world size live in ``parallel/state.py``.
+Nothing else parses config files.
 """
 
 from __future__ import annotations

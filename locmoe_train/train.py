@@ -155,12 +155,13 @@ def run(cfg) -> str:
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.impls import build_runtime
     from locmoe_train.optim.optimizer import build_optimizer
+    from locmoe_train.parallel.launch import launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train_step import TrainStep
     from locmoe_train.trainer import Cadence, Trainer
 
     meta = load_meta(cfg.data.path)
-    check(cfg, int(os.environ.get("WORLD_SIZE", "1")), meta)
+    check(cfg, launched_world_size(), meta)
     t_start = time.time()
     pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
     sink = None
@@ -236,8 +237,10 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_megatron()
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    from locmoe_train.parallel.launch import launched_rank, launched_world_size
+
+    rank = launched_rank()
+    prefix = f"[rank {rank}] " if rank not in (None, 0) else ""
     try:
         if argv and argv[0] in SUBCOMMANDS:
             import importlib
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             from locmoe_train.data.prepare import load_meta
 
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size or launched_world_size()
             check(cfg, world, load_meta(cfg.data.path))
             print(f"config OK for world size {world}")
             return 0

@@ -43,8 +43,9 @@ class Cadence:
 
     @classmethod
     def from_config(cls, cfg) -> "Cadence":
+        # Step 1 is always logged in pre-training: the starting loss and routing.
         return cls(cfg.train.max_steps, cfg.logging.log_interval, cfg.train.eval_interval,
-                   cfg.checkpoint.interval, cfg.train.exit_at_step)
+                   cfg.checkpoint.interval, cfg.train.exit_at_step, log_at=(1,))
 
 
 class StopRequested:
@@ -113,7 +114,7 @@ class Trainer:
                 steps_in_window += 1
                 last = self.step == c.max_steps
                 stopping = agree_to_stop(self.stop, self.pctx)
-                if (self.step % c.log_interval == 0 or self.step == 1 or last or stopping
+                if (self.step % c.log_interval == 0 or last or stopping
                         or self.step in c.log_at):
                     if self.pctx.device.type == "cuda":
                         torch.cuda.synchronize()

@@ -3,16 +3,21 @@
 Legend: T tokens on this rank, D hidden size, E experts (also the number of
 choices k in {1..E}: column j of the allocator's output is k = j + 1).
 
-``AdaKRouter`` wraps one MoE layer's pre-trained ``TopKRouter`` (kept as
-``.base``, frozen by the stage) and adds the allocator ``W_alloc`` ([E, D],
-no bias, on the router input). Per token it picks ``k``, then activates the
+``AdaKRouter`` is a ``Router`` (``moe/routers/base.py``) that wraps one MoE
+layer's pre-trained ``TopKRouter`` (kept as ``.base``, frozen by the stage)
+and adds the allocator ``W_alloc`` ([E, D], no bias, on the router input).
+It is not a ``moe.router`` choice: ``install_allocators`` puts it into every
+``MoELayer`` of a loaded model. Per token it picks ``k``, then activates the
 token's ``k`` most probable experts under the base router's softmax. The gates
 are what the base router would give those experts: the softmax probability,
 renormalised over the chosen experts only when ``moe.renormalize`` is set.
 So ``k = K`` reproduces the base top-K layer exactly: same experts, same gate
 arithmetic. (The base router picks with ``torch.topk``, we rank with a stable
 sort; they could order two exactly equal probabilities differently, which
-continuous router logits do not produce.)
+continuous router logits do not produce.) Its routing carries the inputs of
+the linear gate's aux terms (probabilities, selection, logits), so the layer
+it is installed in computes the same terms in training mode; the stage runs
+the frozen model in eval mode, where the layer computes none.
 
 How ``k`` is chosen is a string, ``router.mode``:
 * ``topk``: hand the token to the base router unchanged (the R* baseline);
@@ -28,8 +33,8 @@ under the allocator at that time, and the base router's probabilities. The
 PPO stage reads them after the forward; the dispatcher needs nothing new,
 since dropless dispatch already takes any number of experts per token.
 
-Not owned here: the PPO/warm-start losses (``adak/ppo.py``) and the stage
-that trains the allocators (``adak/stage.py``).
+Not owned here: the PPO/warm-start losses (``adak/ppo.py``), the steps that
+train the allocators (``adak/step.py``) and the stage (``adak/stage.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from locmoe_train.moe.routers import LinearGateRouter, Router
 from locmoe_train.moe.routing import RoutingResult
 
 MODES = ("topk", "sample", "argmax", "forced")
@@ -54,29 +60,25 @@ class Decision:
     probs_TE: torch.Tensor  # base router probabilities (detached)
 
 
-class AdaKRouter(nn.Module):
-    needs_token_ids = False
-    adapts_to_load = False
+class AdaKRouter(Router):
+    # The linear gate's terms: the routing below carries their inputs.
+    aux_terms = LinearGateRouter.aux_terms
 
-    def __init__(self, base: nn.Module, hidden_size: int, sequence_parallel: bool = False):
-        super().__init__()
-        if not hasattr(base, "logits"):
-            raise TypeError(f"Ada-K needs a router with logits(); got {type(base).__name__}")
+    def __init__(self, base: Router, hidden_size: int | None = None):
+        if not isinstance(base, LinearGateRouter):
+            raise TypeError(f"Ada-K needs a router with a linear gate (logits()); got "
+                            f"{type(base).__name__}")
+        hidden_size = hidden_size or base.weight.shape[1]
+        super().__init__(base.cfg, hidden_size, base.setup)
         self.base = base
-        self.cfg = base.cfg
-        self.num_experts, self.top_k = base.num_experts, base.top_k
         # Zero init: pi(k|s) starts uniform over 1..E (the warm start moves it to ~K).
         self.alloc_weight = nn.Parameter(torch.zeros(self.num_experts, hidden_size))
         # Router inputs differ across sequence-parallel ranks: the grad is summed over TP.
-        setattr(self.alloc_weight, "sequence_parallel", sequence_parallel)
+        setattr(self.alloc_weight, "sequence_parallel", base.setup.sequence_parallel)
         self.mode = "topk"
         self.forced_k: int | torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self.last: Decision | None = None
-
-    @property
-    def expert_node_E(self):
-        return self.base.expert_node_E
 
     def log_policy(self, x_TD: torch.Tensor) -> torch.Tensor:
         """``log pi(k|s)`` over k = 1..E, ``[T, E]``, in fp32 (autocast off, so a PPO epoch
@@ -122,7 +124,7 @@ class AdaKRouter(nn.Module):
         self.last = Decision(x_TD.detach(), k_T, logp_T, probs_TE.detach())
         # requested_slots stays a device tensor (sum of k): no host sync here.
         return RoutingResult(selected_TE, gates_TE, logits_TE, requested_slots=k_T.sum(),
-                             probs_TE=probs_TE)
+                             probs_TE=probs_TE, selected_TE=selected_TE)
 
 
 def topk_per_token(scores_TE: torch.Tensor, k_T: torch.Tensor) -> torch.Tensor:
@@ -135,19 +137,16 @@ def topk_per_token(scores_TE: torch.Tensor, k_T: torch.Tensor) -> torch.Tensor:
 
 
 def install_allocators(model: nn.Module) -> list[AdaKRouter]:
-    """Wrap the router of every ``LocMoELayer`` in ``model``; returns them in layer order."""
-    from locmoe_train.moe.layer import LocMoELayer
+    """Wrap the router of every ``MoELayer`` in ``model``; returns them in layer order."""
+    from locmoe_train.moe.layer import MoELayer
 
     routers = []
     for module in model.modules():
-        if isinstance(module, LocMoELayer):
-            router = module.router
-            if not isinstance(router, AdaKRouter):
-                router = AdaKRouter(router, router.weight.shape[1],
-                                    bool(getattr(router.weight, "sequence_parallel", False)))
-                router.to(module.router.weight.device)
-                module.router = router
-            routers.append(router)
+        if isinstance(module, MoELayer):
+            if not isinstance(module.router, AdaKRouter):
+                base = module.router
+                module.router = AdaKRouter(base).to(base.weight.device)
+            routers.append(module.router)
     return routers
 
 

@@ -29,7 +29,6 @@ class SDPAttention(torch.nn.Module):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type=None, pg_collection=None, **kwargs):
-        from megatron.core import parallel_state as ps
         from megatron.core.transformer.enums import AttnMaskType
 
         super().__init__()
@@ -40,7 +39,7 @@ class SDPAttention(torch.nn.Module):
         self.config = config
         self.layer_number = max(1, layer_number)
         tp = (pg_collection.tp.size() if pg_collection is not None and hasattr(pg_collection, "tp")
-              else ps.get_tensor_model_parallel_world_size())
+              else config.tensor_model_parallel_size)
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
         head_dim = config.kv_channels

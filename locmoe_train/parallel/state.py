@@ -5,8 +5,12 @@ single-process group without torchrun), megatron-core's ``parallel_state``
 with tensor (TP), expert (EP), expert-tensor (ETP) and data (DP) parallel
 sizes, the checks that need the world size, and the node topology (real nodes
 from ``LOCAL_WORLD_SIZE``, or simulated with ``parallel.ranks_per_node``).
-Nothing else in the package calls ``initialize_model_parallel`` or reads rank
-environment variables; modules receive the ``ParallelContext`` instead.
+It builds ``MoEParallel``, what MoE layers need of the layout (their groups,
+ranks and the expert-to-node map), once. Nothing else in the package calls
+``initialize_model_parallel`` or reads megatron's ``parallel_state``; the
+launcher's variables before start-up are read only through
+``parallel/launch.py``. Modules receive the ``ParallelContext`` (or its
+``moe`` part) instead.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.distributed as dist
 from locmoe_train.config import ParallelConfig
 from locmoe_train.errors import UserError
 from locmoe_train.parallel import compat
+from locmoe_train.parallel.launch import env_int as _env_int
 
 
 @dataclass
@@ -177,11 +182,6 @@ def check_layout(cfg: ParallelConfig, world_size: int, etp: int) -> tuple[int, i
             f"parallel.ranks_per_node={cfg.ranks_per_node} does not divide the world size "
             f"{world_size}: simulated nodes must all have the same number of ranks.")
     return etp, world_size // cfg.tp, world_size // (cfg.ep * etp)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
 
 
 def _init_process_group(cfg: ParallelConfig, backend: str, rank: int, world_size: int,

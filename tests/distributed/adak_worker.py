@@ -1,4 +1,4 @@
-"""torchrun worker for test_adak_ep.py: one LocMoELayer with an Ada-K allocator under EP.
+"""torchrun worker for test_adak_ep.py: one MoELayer with an Ada-K allocator under EP.
 
 A fixed global input ``[G*s, b, D]`` is cut into G sequence shards (G = the
 world size of the parallel run). Rank r runs shard r; the 1-rank reference
@@ -28,7 +28,8 @@ from locmoe_train.adak.ppo import ppo_loss  # noqa: E402
 from locmoe_train.config import load_config  # noqa: E402
 from locmoe_train.model.gpt import transformer_config  # noqa: E402
 from locmoe_train.model.init import init_parameters  # noqa: E402
-from locmoe_train.moe.layer import LocMoELayer  # noqa: E402
+from locmoe_train.moe.layer import MoELayer  # noqa: E402
+from locmoe_train.moe.routers import RouterSetup  # noqa: E402
 from locmoe_train.parallel.state import destroy_parallel, init_parallel  # noqa: E402
 
 S, B, D, F, E = 8, 2, 32, 16, 4
@@ -40,9 +41,9 @@ def run(scenario: str, out_dir: str, world: int) -> None:
     if world > 1:
         overrides.append(f"parallel.ep={world}")
     cfg = load_config(None, overrides)
-    pctx = init_parallel(cfg.parallel, E, "cpu", 1)
-    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe,
-                        ffn_hidden_size=F, seq_len=S)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", 1)
+    layer = MoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=F,
+                     parallel=pctx.moe, setup=RouterSetup(seq_len=S))
     init_parameters(layer, cfg, pctx)
     layer.router = AdaKRouter(layer.router, D)
     layer.train()
@@ -89,7 +90,7 @@ def run(scenario: str, out_dir: str, world: int) -> None:
             outs.update(o)
             dxs.update(g)
             k_chosen.update(k)
-    counts = layer.stat_tokens_per_expert.clone()
+    counts = layer.stats.tokens_per_expert.clone()
     if world > 1:
         dist.all_reduce(counts)
     if pctx.rank == 0:

@@ -25,7 +25,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_head
 
 def _losses(device: str, precision: str, steps: int = 4) -> list[float]:
     from locmoe_train.model.gpt import build_model
-    from locmoe_train.moe.stats import build_moe_stats
+    from locmoe_train.moe.impls import build_runtime
     from locmoe_train.optim.optimizer import build_optimizer
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train_step import TrainStep
@@ -37,7 +37,7 @@ def _losses(device: str, precision: str, steps: int = 4) -> list[float]:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model = build_model(cfg, pctx, 512, dtype)
         step = TrainStep(model, build_optimizer(model, cfg.optim), cfg, pctx, dtype,
-                         moe_stats=build_moe_stats(model, cfg, pctx.device))
+                         moe=build_runtime(model, cfg, pctx))
         g = torch.Generator().manual_seed(0)
         # One batch, repeated: the model memorises it, so the loss must fall.
         batch = [torch.randint(0, 512, (4, 65), generator=g) for _ in range(2)]

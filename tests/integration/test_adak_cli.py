@@ -96,7 +96,7 @@ def test_adak_refuses_megatron_impl(tmp_path, tiny_data):
     r = run_cli(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint",
                  str(tmp_path), f"--data.path={tiny_data}", "--moe.impl=megatron"])
     assert r.returncode == 2
-    assert r.stderr.startswith("error: locmoe-train adak needs moe.impl=locmoe")
+    assert r.stderr.startswith("error: locmoe-train adak needs moe.impl=native")
 
 
 def test_adak_rejects_a_missing_checkpoint(tmp_path, tiny_data):

@@ -23,17 +23,17 @@ T = S * B
 
 
 def _layer(overrides=()):
-    """A LocMoELayer (TP=EP=1) with larger-than-init random weights, its router wrapped."""
+    """A MoELayer (TP=EP=1) with larger-than-init random weights, its router wrapped."""
     from locmoe_train.config import load_config
     from locmoe_train.model.gpt import transformer_config
-    from locmoe_train.moe.layer import LocMoELayer
+    from locmoe_train.moe.layer import MoELayer
     from locmoe_train.parallel.state import init_parallel
 
     cfg = load_config(None, [f"moe.num_experts={E}", "moe.top_k=2", f"model.hidden_size={D}",
                              "model.num_attention_heads=2", f"moe.ffn_hidden_size={FFN}",
                              "moe.experts=loop", *overrides])
-    pctx = init_parallel(cfg.parallel, E, "cpu", cfg.train.seed)
-    layer = LocMoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=FFN)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
+    layer = MoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=FFN)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in layer.parameters():
@@ -130,6 +130,14 @@ def test_sampling_is_inverse_cdf_on_the_router_generator(megatron_reset):
     assert torch.equal(router.last.k_T, first)
 
 
+def test_allocator_is_a_router_but_not_a_router_choice(megatron_reset):
+    from locmoe_train.moe.routers import ROUTERS, Router, TopKRouter
+
+    router = _layer().router
+    assert isinstance(router, Router) and isinstance(router.base, TopKRouter)
+    assert AdaKRouter not in ROUTERS.values() and AdaKRouter.name == ""
+
+
 def test_topk_per_token_is_stable_for_ties():
     scores = torch.tensor([[0.2, 0.5, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
     got = topk_per_token(scores, torch.tensor([2, 3]))
@@ -221,7 +229,7 @@ def test_adak_config_validation(override, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["moe.impl=megatron"], "locmoe-train adak needs moe.impl=locmoe (our MoE layer), got "
+    (["moe.impl=megatron"], "locmoe-train adak needs moe.impl=native (our MoE layer), got "
                             "moe.impl='megatron'"),
     (["moe.router=aux_free"], "builds on a top-k softmax router, got moe.router='aux_free'"),
     (["moe.capacity_factor=1.25"], "pass --moe.capacity_factor=null"),

@@ -13,7 +13,7 @@ import pkgutil
 
 from locmoe_train.errors import UserError
 from locmoe_train.moe.routers.base import (HFExport, LinearGateRouter, Router, RouterSetup,
-                                           all_reduce_counts, topk_map)
+                                           topk_map)
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -48,4 +48,4 @@ from locmoe_train.moe.routers.topk import TopKRouter  # noqa: E402
 
 __all__ = ["ROUTERS", "AuxFreeRouter", "ExpertChoiceRouter", "HFExport", "HashRouter",
            "LinearGateRouter", "LocMoEPlusRouter", "Router", "RouterSetup", "TopKRouter",
-           "all_reduce_counts", "register_router", "router_class", "topk_map"]
+           "register_router", "router_class", "topk_map"]

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -221,10 +220,3 @@ def topk_map(scores_TE: torch.Tensor, k: int,
     top_TK = torch.topk(scores_TE, k, dim=-1).indices
     map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(1, top_TK, True)
     return map_TE, top_TK
-
-
-def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Sum per-expert counts over every rank (each token is routed on exactly one rank)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-    return counts

@@ -12,20 +12,10 @@ import math
 
 import torch
 
-from helpers import run_script
-from locmoe_train.moe.capacity import estimate_q
-
-WORKER = '''
-import json, math, os, warnings
-warnings.filterwarnings("ignore")
-import torch
-import torch.distributed as dist
+from harness import run_ranks
 from locmoe_train.config import CapacityConfig
 from locmoe_train.moe.capacity import CapacityController, estimate_q
 
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-out_dir = os.environ["OUT_DIR"]
 S, E, D, W = 256, 8, 64, 3
 
 
@@ -42,66 +32,64 @@ def clustered(g, T, noise):
     return gates_ED[expert_T] + noise * torch.randn(T, D, generator=g) / math.sqrt(D)
 
 
-# 1) A run: features cluster over time, rank-dependent token counts and losses.
-# rollback_window 3 > interval 2: a cut is checked 4 steps later, no cut in between.
-cfg = CapacityConfig(interval=2, warmup=2, ema=0.8, multiple=2, rollback_window=W)
-ctl = CapacityController(cfg, S, 1, E, D, 100)
-g = torch.Generator().manual_seed(100 + rank)
-events, gauges, losses = [], [], []
-for step in range(1, 41):
-    x = clustered(g, T=320 + 192 * rank, noise=4.0 * (1 - step / 40) + 0.3)
-    a_TE = affinity(x)
-    ctl.observe(a_TE, a_TE.argmax(1))
-    # After the first cut rank 0 gets worse and rank 1 better (the mean improves):
-    # no rollback. After the fifth cut both get worse: rollback.
-    loss = 3.0 - 0.01 * step + 0.5 * rank
-    cuts = ctl.cuts
-    for i, delta in [(0, [0.3, -0.4][rank]), (4, 0.5)]:
-        if len(cuts) > i and cuts[i]["step"] < step <= cuts[i]["step"] + W:
-            loss += delta
-    losses.append(loss)
-    ctl.record_loss(step, torch.tensor(loss))
-    ev = ctl.step_end(step)
-    if ev:
-        events.append(ev)
-    gauges.append(ctl.gauges())
-sd = ctl.state_dict()
-shared = {k: v for k, v in sd.items() if k not in ("loss_window", "pending")}
+def _controller_run(rank):
+    """One rank's run, coinciding and general statistics (runs in the harness's gloo group)."""
+    # 1) A run: features cluster over time, rank-dependent token counts and losses.
+    # rollback_window 3 > interval 2: a cut is checked 4 steps later, no cut in between.
+    cfg = CapacityConfig(interval=2, warmup=2, ema=0.8, multiple=2, rollback_window=W)
+    ctl = CapacityController(cfg, S, 1, E, D, 100)
+    g = torch.Generator().manual_seed(100 + rank)
+    events, gauges, losses = [], [], []
+    for step in range(1, 41):
+        x = clustered(g, T=320 + 192 * rank, noise=4.0 * (1 - step / 40) + 0.3)
+        a_TE = affinity(x)
+        ctl.observe(a_TE, a_TE.argmax(1))
+        # After the first cut rank 0 gets worse and rank 1 better (the mean improves):
+        # no rollback. After the fifth cut both get worse: rollback.
+        loss = 3.0 - 0.01 * step + 0.5 * rank
+        cuts = ctl.cuts
+        for i, delta in [(0, [0.3, -0.4][rank]), (4, 0.5)]:
+            if len(cuts) > i and cuts[i]["step"] < step <= cuts[i]["step"] + W:
+                loss += delta
+        losses.append(loss)
+        ctl.record_loss(step, torch.tensor(loss))
+        ev = ctl.step_end(step)
+        if ev:
+            events.append(ev)
+        gauges.append(ctl.gauges())
+    sd = ctl.state_dict()
+    shared = {k: v for k, v in sd.items() if k not in ("loss_window", "pending")}
 
-# 2) Statistics where the per-rank medians coincide: every expert's ins affinities
-# have median 0.5 on each rank (different counts); expert 3 is chosen only on rank 1,
-# expert 4 by nobody. Other entries of a row lie below its top-1 value.
-gd = torch.Generator().manual_seed(7 + rank)
-ins = {0: [[0.25, 0.5, 0.75], [0.25, 0.375, 0.5, 0.625, 0.75]][rank],
-       1: [[0.5], [0.125, 0.5, 0.875]][rank],
-       2: [[0.25, 0.375, 0.625, 0.75], [0.5, 0.5]][rank],
-       3: [[], [0.25, 0.5, 0.75]][rank]}
-rows, top1 = [], []
-for i, vals in ins.items():
-    for v in vals:
-        row = -0.25 + (v + 0.25) * torch.rand(5, generator=gd)
-        row[i] = v
-        rows.append(row)
-        top1.append(i)
-perm = torch.randperm(len(rows), generator=gd)
-a_coincide = torch.stack(rows)[perm]
-t_coincide = torch.tensor(top1)[perm]
-q_c, m_c = estimate_q(a_coincide, t_coincide)
+    # 2) Statistics where the per-rank medians coincide: every expert's ins affinities
+    # have median 0.5 on each rank (different counts); expert 3 is chosen only on rank 1,
+    # expert 4 by nobody. Other entries of a row lie below its top-1 value.
+    gd = torch.Generator().manual_seed(7 + rank)
+    ins = {0: [[0.25, 0.5, 0.75], [0.25, 0.375, 0.5, 0.625, 0.75]][rank],
+           1: [[0.5], [0.125, 0.5, 0.875]][rank],
+           2: [[0.25, 0.375, 0.625, 0.75], [0.5, 0.5]][rank],
+           3: [[], [0.25, 0.5, 0.75]][rank]}
+    rows, top1 = [], []
+    for i, vals in ins.items():
+        for v in vals:
+            row = -0.25 + (v + 0.25) * torch.rand(5, generator=gd)
+            row[i] = v
+            rows.append(row)
+            top1.append(i)
+    perm = torch.randperm(len(rows), generator=gd)
+    a_coincide = torch.stack(rows)[perm]
+    t_coincide = torch.tensor(top1)[perm]
+    q_c, m_c = estimate_q(a_coincide, t_coincide)
 
-# 3) General statistics: different data, different medians per rank.
-a_gen = affinity(clustered(gd, T=200 + 100 * rank, noise=6.0))
-t_gen = a_gen.argmax(1)
-q_g, m_g = estimate_q(a_gen, t_gen)
+    # 3) General statistics: different data, different medians per rank.
+    a_gen = affinity(clustered(gd, T=200 + 100 * rank, noise=6.0))
+    t_gen = a_gen.argmax(1)
+    q_g, m_g = estimate_q(a_gen, t_gen)
 
-torch.save({"a_coincide": a_coincide, "t_coincide": t_coincide, "a_gen": a_gen, "t_gen": t_gen},
-           f"{out_dir}/data{rank}.pt")
-with open(f"{out_dir}/rank{rank}.json", "w") as f:
-    json.dump({"events": events, "gauges": gauges, "losses": losses, "capacity": ctl.capacity,
-               "c_floor": ctl.c_floor, "state": shared,
-               "q_coincide": q_c.tolist(), "m_coincide": m_c.tolist(),
-               "q_gen": q_g.tolist(), "m_gen": m_g.tolist()}, f)
-dist.destroy_process_group()
-'''
+    data = {"a_coincide": a_coincide, "t_coincide": t_coincide, "a_gen": a_gen, "t_gen": t_gen}
+    return {"events": events, "gauges": gauges, "losses": losses, "capacity": ctl.capacity,
+            "c_floor": ctl.c_floor, "state": shared,
+            "q_coincide": q_c.tolist(), "m_coincide": m_c.tolist(),
+            "q_gen": q_g.tolist(), "m_gen": m_g.tolist()}, data
 
 
 def _q_at(a_TE, top1_T, m_E):
@@ -112,14 +100,8 @@ def _q_at(a_TE, top1_T, m_E):
     return ge_E / (~ins_TE).sum(0).clamp(min=1).double()
 
 
-def test_capacity_controller_agrees_across_ranks(tmp_path, monkeypatch):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    monkeypatch.setenv("OUT_DIR", str(tmp_path))
-    r = run_script(str(script), 2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-    data = [torch.load(tmp_path / f"data{i}.pt") for i in range(2)]
+def test_capacity_controller_agrees_across_ranks():
+    out, data = zip(*run_ranks(_controller_run, 2))
 
     # Same decisions, events and gauges on both ranks (NaN-safe through the JSON text).
     for key in ["events", "gauges", "capacity", "c_floor", "state"]:

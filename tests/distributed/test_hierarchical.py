@@ -1,31 +1,124 @@
 """Hierarchical dispatch equals flat dispatch bit for bit (4 ranks as 2 simulated nodes),
-and the byte accounting matches a hand count."""
+and the byte accounting matches a hand count.
 
-import os
+4 ranks as 2 simulated nodes x 2 ranks, EP=4. For each scenario the same layer
+(same weights, same input) runs forward and backward once with the flat
+dispatcher and once with the hierarchical one; each rank returns both results
+and the traffic counters, plus a hand count of the flat traffic from the
+routing map.
+"""
 
 import pytest
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from helpers import run_script
+from harness import run_ranks
+from locmoe_train.config import load_config
+from locmoe_train.model.gpt import transformer_config
+from locmoe_train.model.init import init_parameters
+from locmoe_train.moe.dispatcher import AllToAllDispatcher
+from locmoe_train.moe.hierarchical import HierarchicalDispatcher
+from locmoe_train.moe.layer import MoELayer
+from locmoe_train.parallel.state import destroy_parallel, init_parallel
 
-WORKER = os.path.join(os.path.dirname(__file__), "hierarchical_worker.py")
-SCENARIOS = ["dropless", "capacity_padded", "empty_node", "one_rank_busy", "node_limited"]
+S, B, D, F, E = 8, 2, 32, 16, 8
+SCENARIOS = {
+    "dropless": [],
+    "capacity_padded": ["moe.capacity_factor=0.5", "moe.pad_to_capacity=true"],
+    # Experts 4-7 (node 1) never chosen: node 1 receives nothing, empty buckets everywhere.
+    "empty_node": [],
+    # Only expert 0 is ever chosen by rank 3's tokens... and every rank's top-2 is {0, 1}.
+    "one_rank_busy": [],
+    # DeepSeek-V3 node limit: each token's 2 experts on a single node.
+    "node_limited": ["moe.max_nodes_per_token=1"],
+}
+
+
+def _run_scenario(name: str) -> dict:
+    cfg = load_config(None, [f"moe.num_experts={E}", "moe.top_k=2", f"model.hidden_size={D}",
+                             "model.num_attention_heads=4", "parallel.ep=4",
+                             "parallel.ranks_per_node=2", "moe.dispatcher=hierarchical",
+                             *SCENARIOS[name]])
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", 1)
+    layer = MoELayer(transformer_config(cfg, pctx, torch.float32), cfg.moe, ffn_hidden_size=F,
+                     parallel=pctx.moe)
+    init_parameters(layer, cfg, pctx)
+    assert isinstance(layer.dispatcher, HierarchicalDispatcher)
+    gen = torch.Generator().manual_seed(100 + pctx.rank)
+    x = torch.randn(S, B, D, generator=gen)
+    proj = torch.randn(S, B, D, generator=gen)
+    if name in ("empty_node", "one_rank_busy"):
+        x[..., -1] = 3.0
+        banned = list(range(4, 8)) if name == "empty_node" else list(range(2, 8))
+        with torch.no_grad():
+            layer.router.weight[banned, -1] = -10.0
+    hier = layer.dispatcher
+    flat = AllToAllDispatcher(E, pctx.ep_group, 4, cfg.moe.pad_to_capacity,
+                              pctx.ep_topology.node_of_ep, pctx.ep_rank)
+    results = {}
+    for kind, disp in (("flat", flat), ("hier", hier)):
+        layer.dispatcher = disp
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi)
+        aux = layer.pop_aux_loss()
+        ((out * proj).sum() + aux).backward()
+        results[kind] = {"out": out.detach(), "dx": xi.grad, "w13": layer.experts.w13.grad.clone(),
+                         "w2": layer.experts.w2.grad.clone(),
+                         "router": layer.router.weight.grad.clone(),
+                         "traffic": disp.pop_traffic()}
+    # Hand count of the flat traffic from the routing: rows to each EP rank, both ways.
+    layer.dispatcher = flat
+    routing = layer.router(x.reshape(-1, D))
+    if cfg.moe.pad_to_capacity:
+        rows_to = [routing.capacity * (E // 4)] * 4
+    else:
+        counts = routing.routing_map_TE.sum(0)
+        rows_to = [int(counts[r * 2:(r + 1) * 2].sum()) for r in range(4)]
+    rows_from = torch.tensor(rows_to)
+    recv = torch.empty_like(rows_from)
+    dist.all_to_all_single(recv, rows_from)
+    node = pctx.ep_topology.node_of_ep
+    me = pctx.ep_rank
+    hand = {"bytes_intra_node": 0, "bytes_cross_node": 0, "messages_cross_node": 0}
+    for peer in range(4):
+        if peer == me:
+            continue
+        for rows in (rows_to[peer], int(recv[peer])):  # dispatch sends, combine sends back
+            if rows == 0:
+                continue
+            if node[peer] == node[me]:
+                hand["bytes_intra_node"] += rows * D * 4
+            else:
+                hand["bytes_cross_node"] += rows * D * 4
+                hand["messages_cross_node"] += 1
+    results["hand"] = hand
+    expert_node = torch.tensor(node)[torch.arange(E) // (E // 4)]
+    nodes_used = [len(set(expert_node[row].tolist())) for row in routing.routing_map_TE]
+    results["max_nodes_used"] = max(nodes_used)
+    parallel_state.destroy_model_parallel()
+    return results
+
+
+def _scenarios(rank: int) -> dict:
+    """This rank's results of each scenario."""
+    results = {name: _run_scenario(name) for name in SCENARIOS}
+    destroy_parallel()
+    return results
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hier")
-    r = run_script(WORKER, 4, [str(d)])
-    assert r.returncode == 0, r.stderr[-4000:]
-    return d
+def results():
+    return run_ranks(_scenarios, 4)
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
-def test_hierarchical_equals_flat(out_dir, name):
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_hierarchical_equals_flat(results, name):
     totals = {"flat": 0, "hier": 0}
     messages = {"flat": 0, "hier": 0}
     for rank in range(4):
-        res = torch.load(os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+        res = results[rank][name]
         flat, hier = res["flat"], res["hier"]
         for key in ("out", "dx", "w13", "w2", "router"):
             assert torch.equal(flat[key], hier[key]), (name, rank, key)  # bit for bit

@@ -46,7 +46,7 @@ def locmoe_plus_ckpt(tmp_path_factory, tiny_data):
     """LocMoE+ with dense layers between MoE ones, GQA, tied embeddings, saved at TP=2 x EP=2."""
     return _train(tmp_path_factory, tiny_data, "locmoe_plus",
                   ["--parallel.tp=2", "--parallel.ep=2", "--moe.router=locmoe_plus",
-                   "--moe.locmoe.tau=0.5", "--model.moe_every=2", "--model.num_query_groups=2",
+                   "--moe.locmoe_plus.tau=0.5", "--model.moe_every=2", "--model.num_query_groups=2",
                    "--model.tie_embeddings=true"], 2)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from locmoe_train.hooks import call as call_hooks
 from locmoe_train.parallel.state import ParallelContext
 
 
@@ -107,8 +108,7 @@ class Trainer:
                 micro_batches = self.loader.next_step()
                 self.step += 1
                 metrics = self.step_fn(micro_batches, self.step)
-                for hook in self.hooks:
-                    hook.step_end(self.step)
+                call_hooks(self.hooks, "step_end", self.step)
                 for k, v in metrics.items():
                     acc[k] = acc[k] + v if k in acc else v.clone()
                 steps_in_window += 1

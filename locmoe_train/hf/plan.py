@@ -47,12 +47,14 @@ def plan_export(cfg, requested: str = "auto") -> Plan:
     moe = cfg.moe
     support = router_class(moe.router).hf_export(moe)
     if support.architecture is None:
-        exportable = [f"{n} ({'as Mixtral, or as the custom locmoe model' if a == 'mixtral' else 'custom locmoe model'})"
-                      for n, cls in ROUTERS.items()
-                      if (a := cls.hf_export(_with_renormalize(moe, n)).architecture)]
+        kinds = {n: cls.hf_export(_with_renormalize(moe, n)).architecture
+                 for n, cls in ROUTERS.items()}
+        mixtral = [n for n, a in kinds.items() if a == "mixtral"]
+        custom = [n for n, a in kinds.items() if a == "custom"]
         raise UserError(
             f"moe.router={moe.router} cannot be exported to transformers: {support.reason}. "
-            f"Exportable routers: {', '.join(exportable)}.")
+            f"Exportable routers: {', '.join(mixtral)} (as Mixtral, or as the custom locmoe "
+            f"model), {' and '.join(custom)} (custom locmoe model).")
     mismatches = mixtral_mismatches(cfg)
     if requested == "mixtral" and mismatches:
         raise UserError(

@@ -64,6 +64,9 @@ AUX_TERMS: tuple[AuxTerm, ...] = (
 )
 
 
+AUX_NAMES: tuple[str, ...] = tuple(t.name for t in AUX_TERMS)
+
+
 def active_terms(moe_cfg, provided: tuple[str, ...], ctx: AuxContext,
                  scope: str | None = None) -> tuple[AuxTerm, ...]:
     """The terms computed: provided by the router, weighted, applicable (in ``scope``)."""

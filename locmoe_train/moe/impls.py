@@ -201,9 +201,9 @@ class MegatronMoERuntime:
         return []
 
     def log_record(self, acc, n_steps: int) -> dict:
-        from locmoe_train.moe.runtime import MoERuntime
+        from locmoe_train.moe.runtime import moe_record
 
-        return MoERuntime.log_record(self, acc, n_steps)
+        return moe_record(self, acc, n_steps)
 
     def state_dict(self) -> dict:
         return {}

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from locmoe_train.moe.aux import AUX_TERMS
+from locmoe_train.moe.aux import AUX_NAMES, AUX_TERMS
 
 # Per layer, accumulated over a step's micro-batches, reset at collect().
 COUNTERS = ("tokens_per_expert",  # [E] slots kept per expert (after any capacity drop)
@@ -40,7 +40,6 @@ COUNTERS = ("tokens_per_expert",  # [E] slots kept per expert (after any capacit
             "same_node")  # slots served by an expert on this rank's node
 # Per layer, host-side counts from the dispatcher's split sizes (no sync).
 TRAFFIC = ("bytes_intra_node", "bytes_cross_node", "messages_cross_node")
-AUX_NAMES = tuple(t.name for t in AUX_TERMS)
 
 
 def layer_index(module_name: str) -> int:
@@ -139,41 +138,7 @@ class MoERuntime:
     # ---- per log interval -------------------------------------------------------
     def log_record(self, acc: dict[str, torch.Tensor], n_steps: int) -> dict:
         """The record's MoE fields from a window of summed step metrics (all ranks)."""
-        if "moe/tokens_per_expert" not in acc:
-            return {}
-        counts = {k: acc[f"moe/{k}"] for k in COUNTERS + TRAFFIC if f"moe/{k}" in acc}
-        aux_names = [k for k in AUX_NAMES if f"moe/{k}" in acc]
-        aux = torch.stack([acc[f"moe/{k}"] / n_steps for k in aux_names]) if aux_names else None
-        if self.pctx.world_size > 1:
-            for v in counts.values():
-                dist.all_reduce(v)
-            if aux is not None:
-                dist.all_reduce(aux)
-                aux = aux / self.pctx.dp
-        gauges = self.gauges()
-        out: dict = {"moe": {}}
-        for i, layer in enumerate(self.layers):
-            entry = _layer_entry(counts, i, n_steps)
-            if aux is not None:
-                entry.update({name: aux[j][i].item() for j, name in enumerate(aux_names)})
-            # NaN (not measured yet) becomes null: metrics.jsonl stays strict JSON.
-            entry.update({k: (None if v != v else v) for k, v in gauges.get(layer, {}).items()})
-            out["moe"][f"layer_{layer}"] = entry
-        out["moe_imbalance"] = max(e["max_over_mean"] for e in out["moe"].values())
-        if "bytes_cross_node" in counts:
-            out["bytes_cross_node"] = counts["bytes_cross_node"].sum().item() / n_steps
-            out["bytes_intra_node"] = counts["bytes_intra_node"].sum().item() / n_steps
-        capacities = [g["capacity"] for g in gauges.values() if "capacity" in g]
-        if capacities:
-            out["moe_capacity"] = int(min(capacities))
-        if aux is not None:
-            weights = {t.name: t.weight(self.moe_cfg) for t in AUX_TERMS}
-            out["aux_loss"] = sum(weights[k] * aux[j].sum().item()
-                                  for j, k in enumerate(aux_names))
-        events = self.pop_events()
-        if events:
-            out["capacity_events"] = events
-        return out
+        return moe_record(self, acc, n_steps)
 
     # ---- checkpoint -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -185,6 +150,46 @@ class MoERuntime:
         for layer, m in zip(self.layers, self.modules):
             if layer in sd:
                 m.router.load_checkpoint_state(sd[layer])
+
+
+def moe_record(runtime, acc: dict[str, torch.Tensor], n_steps: int) -> dict:
+    """A runtime's record fields (either impl: it gives ``layers``, ``pctx``, ``moe_cfg``,
+    ``gauges()`` and ``pop_events()``) from a window of summed step metrics."""
+    if "moe/tokens_per_expert" not in acc:
+        return {}
+    counts = {k: acc[f"moe/{k}"] for k in COUNTERS + TRAFFIC if f"moe/{k}" in acc}
+    aux_names = [k for k in AUX_NAMES if f"moe/{k}" in acc]
+    aux = torch.stack([acc[f"moe/{k}"] / n_steps for k in aux_names]) if aux_names else None
+    if runtime.pctx.world_size > 1:
+        for v in counts.values():
+            dist.all_reduce(v)
+        if aux is not None:
+            dist.all_reduce(aux)
+            aux = aux / runtime.pctx.dp
+    gauges = runtime.gauges()
+    out: dict = {"moe": {}}
+    for i, layer in enumerate(runtime.layers):
+        entry = _layer_entry(counts, i, n_steps)
+        if aux is not None:
+            entry.update({name: aux[j][i].item() for j, name in enumerate(aux_names)})
+        # NaN (not measured yet) becomes null: metrics.jsonl stays strict JSON.
+        entry.update({k: (None if v != v else v) for k, v in gauges.get(layer, {}).items()})
+        out["moe"][f"layer_{layer}"] = entry
+    out["moe_imbalance"] = max(e["max_over_mean"] for e in out["moe"].values())
+    if "bytes_cross_node" in counts:
+        out["bytes_cross_node"] = counts["bytes_cross_node"].sum().item() / n_steps
+        out["bytes_intra_node"] = counts["bytes_intra_node"].sum().item() / n_steps
+    capacities = [g["capacity"] for g in gauges.values() if "capacity" in g]
+    if capacities:
+        out["moe_capacity"] = int(min(capacities))
+    if aux is not None:
+        weights = {t.name: t.weight(runtime.moe_cfg) for t in AUX_TERMS}
+        out["aux_loss"] = sum(weights[k] * aux[j].sum().item()
+                              for j, k in enumerate(aux_names))
+    events = runtime.pop_events()
+    if events:
+        out["capacity_events"] = events
+    return out
 
 
 def _layer_entry(counts: dict[str, torch.Tensor], i: int, n_steps: int) -> dict:

@@ -54,8 +54,8 @@ def test_training_loss_falls(tmp_path, tiny_data):
     (["--data.path=/nonexistent/data"], "locmoe-train prepare-data"),
     (["--train.global_batch_size=12", "--train.micro_batch_size=4", "--parallel.ep=2",
       "--check", "--world-size=2"],
-     "train.global_batch_size=12 is not divisible by train.micro_batch_size=4 x data-parallel "
-     "size 2"),
+     "train.global_batch_size (12) must be divisible by train.micro_batch_size (4) x "
+     "data-parallel size (2) = 8; use train.global_batch_size 8 or 16"),
     (["--data.seq_len=100000"], "data.seq_len"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, message):

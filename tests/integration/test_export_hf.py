@@ -169,8 +169,8 @@ def _save_in_process(tmp_path, tiny_data, overrides, tweak=None) -> str:
             with torch.no_grad():
                 tweak(model)
         loader = types.SimpleNamespace(state_dict=lambda: {})
-        return Checkpointer(cfg, pctx).save(1, model, types.SimpleNamespace(state={}),
-                                            loader, None)
+        return Checkpointer(cfg, pctx).save(1, {"model": model, "loader": loader,
+                                                "optimizer": types.SimpleNamespace(state={})})
     finally:
         destroy_parallel()
 
@@ -235,7 +235,7 @@ def test_refusals_and_warnings(mixtral_ckpt, locmoe_plus_ckpt, tmp_path, capsys)
         "error: moe.router=expert_choice cannot be exported to transformers: each expert "
         "picks its tokens from the whole batch, which a causal language model cannot "
         "reproduce token by token. Exportable routers: topk (as Mixtral, or as the custom "
-        "locmoe model), locmoe_plus and aux_free (custom locmoe model).")
+        "locmoe model), aux_free and locmoe_plus (custom locmoe model).")
 
     # Trained with a capacity factor: exported (dropless), with a warning.
     shutil.rmtree(edited)

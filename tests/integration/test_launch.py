@@ -154,8 +154,8 @@ def test_slurm_script_with_stub_srun(tmp_path, tiny_data):
      "error: moe.num_experts=8 is not divisible by parallel.ep=3"),
     # Elastic 1:2 nodes: the batch must split over 1 and 2 nodes; 6 = 2 x 3 splits over 1 only.
     ({"NNODES": "1:2"}, ["--train.global_batch_size=6", "--train.micro_batch_size=2"],
-     "error: train.global_batch_size=6 is not divisible by train.micro_batch_size=2 x "
-     "data-parallel size 2"),
+     "error: train.global_batch_size (6) must be divisible by train.micro_batch_size (2) x "
+     "data-parallel size (2) = 4"),
     ({"NNODES": "two"}, [], "error: NNODES=two must be a node count (e.g. 4) or a range MIN:MAX"),
 ])
 def test_bad_config_through_wrapper_exits_2_once(tmp_path, tiny_data, env, args, message):

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locmoe_train.errors import UserError
-from locmoe_train.moe.aux import AuxContext, active_terms, compute
+from locmoe_train.moe.aux import AUX_NAMES, AuxContext, active_terms, compute
 from locmoe_train.moe.config import MoEConfig
 from locmoe_train.moe.routing import (RoutingResult, check_node_limit, compact_nodes,
                                      node_limited_mask_dense)
@@ -194,9 +194,14 @@ class Router(nn.Module):
 
 
 class LinearGateRouter(Router):
-    """A router with the learned linear gate ``logits_TE = x_TD W^T`` (fp32)."""
+    """A router with the learned linear gate ``logits_TE = x_TD W^T`` (fp32).
 
-    aux_terms = ("load_balancing_loss", "z_loss", "locality_loss")
+    It provides the inputs of every aux term (probabilities, the token choice,
+    logits), so a term added to ``moe/aux.py`` applies to it without an edit
+    here; a subclass that cannot (expert choice) lists the terms it does.
+    """
+
+    aux_terms = AUX_NAMES
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, setup: RouterSetup = RouterSetup()):
         super().__init__(cfg, hidden_size, setup)

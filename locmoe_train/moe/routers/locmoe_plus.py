@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from locmoe_train.errors import UserError
+from locmoe_train.moe.aux import AUX_NAMES
 from locmoe_train.moe.capacity import CapacityController
 from locmoe_train.moe.routers import register_router
 from locmoe_train.moe.routers.base import HFExport, Router, RouterSetup, topk_map
@@ -53,7 +54,7 @@ def grap_affinity(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
 @register_router("locmoe_plus")
 class LocMoEPlusRouter(Router):
     adapts_to_load = True
-    aux_terms = ("load_balancing_loss", "z_loss", "locality_loss")
+    aux_terms = AUX_NAMES  # it provides every term's inputs
 
     def __init__(self, cfg, hidden_size, setup: RouterSetup = RouterSetup()):
         if hidden_size % cfg.num_experts:

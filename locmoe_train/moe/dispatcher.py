@@ -16,6 +16,11 @@ Two layouts:
   sync is needed. A routing without a capacity (LocMoE+ at evaluation,
   where tokens choose) falls back to the dropless layout.
 
+The dispatchers ``moe.dispatcher`` names are registered here
+(``@register_dispatcher``, ``DISPATCHERS``, ``dispatcher_class``); each
+builds itself from the layer's ``MoEParallel`` (``build``), so the layer
+never branches on a dispatcher name.
+
 Edge cases that must work: experts that receive no token, ranks that send
 or receive nothing, tokens routed to no expert (dropped: output 0).
 """

@@ -11,20 +11,32 @@ dispatch + combine, with identity experts, for both dispatchers. Three
 routings are measured: ``uniform`` (random router weights);
 ``local_bias`` (+b on the logits of the rank's own node's experts, standing
 in for what a locality loss teaches); and ``node_limited`` (``--max-nodes``,
-DeepSeek-V3 style). Per routing and dispatcher, summed over ranks and over
-dispatch and combine, it records cross-node bytes, intra-node bytes,
-cross-node messages, the share of slots served on their own node, and the
-wall time per call (max over ranks).
+DeepSeek-V3 style). Per routing and dispatcher, summed over ranks, it records
+cross-node bytes (in all, and split into dispatch and combine), intra-node
+bytes, cross-node messages, the share of slots served on their own node, and
+the wall time per dispatch + combine (max over ranks). The hierarchical
+dispatch sends a token's row once per remote node plus ``META_BYTES`` per
+slot, so its dispatch bytes also give ``rows_per_remote_slot``: the rows it
+sent across per slot that lives on another node (1.0 without deduplication).
 
 Projected part (analytic, the formulas are in ``project``): per MoE layer and
 step, for clusters of ``--gpus-per-node`` ranks per node and 2..64 nodes.
-Each rank sends ``S = tokens * top_k`` slots of ``hidden * 2`` bytes (bf16)
-each way. The measured same-node share is turned into a "locality lift"
+Each rank routes ``S = tokens * top_k`` slots of ``B = hidden * 2`` bytes
+(bf16). The measured same-node share is turned into a "locality lift"
 ``L = share * nodes_measured``, and a cluster of N nodes keeps ``min(1, L/N)``
-of the slots on their node. Time is ``cross_bytes / inter_bw + intra_bytes /
-intra_bw + messages * latency``, where the hierarchical path moves
-cross-node slots over intra-node links twice more but sends
-``ceil((N-1)/G)`` cross-node messages per rank instead of ``(N-1)*G``.
+of the slots on their node; ``K = S * (1 - min(1, L/N))`` slots live on other
+nodes. Time is ``cross_bytes / inter_bw + intra_bytes / intra_bw + messages *
+latency``. Flat: ``2 K B`` cross-node bytes, ``(N-1)*G`` messages per rank
+and direction. Hierarchical: ``K (r B + m)`` on dispatch (``r`` the measured
+``rows_per_remote_slot``, ``m`` the metadata per slot) and ``K B`` on
+combine, ``ceil((N-1)/G)`` messages per rank and direction, and extra
+intra-node bytes for the relay hops (the rows of hop 1, one row and ``m`` per
+slot in hop 3, one row per slot in each combine hop; times ``(G-1)/G``, the
+share of hops that leave the rank). ``r`` is held at its measured value: that
+is exact for ``node_limited`` with ``--max-nodes 1`` (all of a token's experts
+share one node at any N, so ``r = 1/top_k``), and overstates the saving of
+``uniform`` and ``local_bias`` on more nodes, where fewer of a token's
+experts share a node.
 """
 
 from __future__ import annotations
@@ -92,30 +104,7 @@ def _worker(rank: int, args, port: int, queue) -> None:
             flat = AllToAllDispatcher.build(args.experts, pctx.moe, False)
             hier = HierarchicalDispatcher.build(args.experts, pctx.moe, False)
             for name, disp in (("flat", flat), ("hierarchical", hier)):
-                times = []
-                for it in range(args.warmup + args.iters):
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    with torch.no_grad():
-                        y, _, meta = disp.dispatch(x, routing)
-                        disp.combine(y, meta)
-                    times.append(time.perf_counter() - t0)
-                    if it < args.warmup:
-                        disp.pop_traffic()
-                traffic = disp.pop_traffic()
-                stats = torch.tensor([traffic["bytes_cross_node"], traffic["bytes_intra_node"],
-                                      traffic["messages_cross_node"], same, int(map_TE.sum()),
-                                      sum(times[args.warmup:]) / args.iters], dtype=torch.float64)
-                summed = stats.clone()
-                dist.all_reduce(summed)
-                slowest = stats.clone()
-                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-                results[(routing_name, name)] = {
-                    "bytes_cross_node": summed[0].item() / args.iters,
-                    "bytes_intra_node": summed[1].item() / args.iters,
-                    "messages_cross_node": summed[2].item() / args.iters,
-                    "same_node_share": summed[3].item() / summed[4].item(),
-                    "time_s": slowest[5].item()}
+                results[(routing_name, name)] = _measure(disp, x, routing, same, args)
             from megatron.core import parallel_state
 
             parallel_state.destroy_model_parallel()
@@ -125,25 +114,78 @@ def _worker(rank: int, args, port: int, queue) -> None:
         queue.put(results)
 
 
+def _measure(disp, x, routing, same: int, args) -> dict:
+    """One dispatcher on one routing: traffic and time per dispatch + combine, all ranks."""
+    from locmoe_train.moe.hierarchical import META_BYTES
+
+    keys = ("bytes_cross_node", "bytes_intra_node", "messages_cross_node")
+    total = dict.fromkeys(keys, 0) | {"dispatch": 0, "combine": 0}
+    times = []
+    for it in range(args.warmup + args.iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            y, _, meta = disp.dispatch(x, routing)
+            sent = disp.pop_traffic()
+            disp.combine(y, meta)
+        times.append(time.perf_counter() - t0)
+        back = disp.pop_traffic()
+        if it < args.warmup:
+            continue
+        total["dispatch"] += sent["bytes_cross_node"]
+        total["combine"] += back["bytes_cross_node"]
+        for key in keys:
+            total[key] += sent[key] + back[key]
+    slots = int(routing.routing_map_TE.sum())
+    stats = torch.tensor([total["bytes_cross_node"], total["dispatch"], total["combine"],
+                          total["bytes_intra_node"], total["messages_cross_node"], same,
+                          slots, sum(times[args.warmup:]) / args.iters], dtype=torch.float64)
+    summed = stats.clone()
+    dist.all_reduce(summed)
+    slowest = stats.clone()
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    per_iter = summed / args.iters
+    remote_slots = (summed[6] - summed[5]).item()  # one direction, per call
+    meta_bytes = META_BYTES if disp.name == "hierarchical" else 0
+    dispatch_rows = (per_iter[1].item() - meta_bytes * remote_slots) / (
+        x.shape[1] * x.element_size())
+    return {"bytes_cross_node": per_iter[0].item(),
+            "bytes_cross_node_dispatch": per_iter[1].item(),
+            "bytes_cross_node_combine": per_iter[2].item(),
+            "bytes_intra_node": per_iter[3].item(),
+            "messages_cross_node": per_iter[4].item(),
+            "same_node_share": summed[5].item() / summed[6].item(),
+            "remote_slots": remote_slots,
+            "rows_per_remote_slot": dispatch_rows / max(remote_slots, 1),
+            "meta_bytes_per_slot": meta_bytes,
+            "time_s": slowest[7].item()}
+
+
 def project(measured: dict, args) -> list[dict]:
     """Per MoE layer and step (dispatch + combine), per rank, for N-node clusters."""
     G, rows = args.gpus_per_node, []
-    slot_bytes = args.proj_hidden * 2  # bf16
+    B = args.proj_hidden * 2  # bf16 row
     S = args.proj_tokens * args.top_k
+    leave = (G - 1) / G  # share of intra-node hops that go to another rank
     for routing_name in ("uniform", "local_bias", "node_limited"):
         share = measured[(routing_name, "flat")]["same_node_share"]
+        hier = measured[(routing_name, "hierarchical")]
+        r, m = hier["rows_per_remote_slot"], hier["meta_bytes_per_slot"]
         lift = share * args.nodes
         for N in (2, 4, 8, 16, 32, 64):
             local = min(1.0, lift / N)
-            cross_b = 2 * S * slot_bytes * (1 - local)  # both directions
-            intra_b = 2 * S * slot_bytes * local * (G - 1) / G  # to other ranks of the node
+            K = S * (1 - local)  # slots on other nodes, per direction
             for name in ("flat", "hierarchical"):
                 if name == "flat":
-                    msgs, extra_intra = 2 * (N - 1) * G, 0.0
+                    msgs = 2 * (N - 1) * G
+                    cross_b, intra_b = 2 * K * B, 2 * S * local * B * leave
                 else:
-                    msgs, extra_intra = 2 * math.ceil((N - 1) / G), 2 * cross_b * (G - 1) / G
-                t = (cross_b / (args.inter_gbps * 1e9) + (intra_b + extra_intra) /
-                     (args.intra_gbps * 1e9) + msgs * args.latency_us * 1e-6)
+                    msgs = 2 * math.ceil((N - 1) / G)
+                    cross_b = K * (r * B + m) + K * B
+                    relay_b = K * (r * B + m) + K * (B + m) + 2 * K * B
+                    intra_b = (S * local * (2 * B + m) + relay_b) * leave
+                t = (cross_b / (args.inter_gbps * 1e9) + intra_b / (args.intra_gbps * 1e9)
+                     + msgs * args.latency_us * 1e-6)
                 rows.append({"routing": routing_name, "nodes": N, "dispatcher": name,
                              "cross_node_MB": cross_b / 1e6, "cross_messages": msgs,
                              "comm_ms": t * 1e3})
@@ -178,23 +220,27 @@ def main(argv=None) -> int:
     lines = [f"measured: {args.nodes} nodes x {args.ranks_per_node} ranks (gloo, CPU), "
              f"{args.tokens} tokens/rank, hidden {args.hidden}, {args.experts} experts, "
              f"top-{args.top_k}; per dispatch+combine, all ranks",
-             "| routing | dispatcher | cross-node bytes | cross-node messages | intra-node bytes "
-             "| same-node share | time (ms) |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| routing | dispatcher | cross-node bytes | of which dispatch | of which combine "
+             "| rows per remote slot | cross-node messages | intra-node bytes | same-node share "
+             "| time (ms) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (routing_name, name), m in measured.items():
         lines.append(f"| {routing_name} | {name} | {m['bytes_cross_node']:.0f} | "
-                     f"{m['messages_cross_node']:.0f} | {m['bytes_intra_node']:.0f} | "
-                     f"{m['same_node_share']:.3f} | {m['time_s'] * 1e3:.2f} |")
+                     f"{m['bytes_cross_node_dispatch']:.0f} | {m['bytes_cross_node_combine']:.0f} "
+                     f"| {m['rows_per_remote_slot']:.3f} | {m['messages_cross_node']:.0f} | "
+                     f"{m['bytes_intra_node']:.0f} | {m['same_node_share']:.3f} | "
+                     f"{m['time_s'] * 1e3:.2f} |")
     proj = project(measured, args)
     lines += ["", f"projected per MoE layer and step, per GPU: {args.gpus_per_node} GPUs/node, "
               f"{args.intra_gbps:g} GB/s intra, {args.inter_gbps:g} GB/s inter, "
               f"{args.latency_us:g} us/message, {args.proj_tokens} tokens/GPU, hidden "
               f"{args.proj_hidden}, bf16", "| routing | nodes | flat ms | hierarchical ms "
-              "| cross-node MB | flat msgs | hier msgs |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "| flat cross-node MB | hier cross-node MB | flat msgs | hier msgs |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i in range(0, len(proj), 2):
         f_, h_ = proj[i], proj[i + 1]
         lines.append(f"| {f_['routing']} | {f_['nodes']} | {f_['comm_ms']:.3f} | "
-                     f"{h_['comm_ms']:.3f} | {f_['cross_node_MB']:.1f} | {f_['cross_messages']} "
-                     f"| {h_['cross_messages']} |")
+                     f"{h_['comm_ms']:.3f} | {f_['cross_node_MB']:.1f} | {h_['cross_node_MB']:.1f} "
+                     f"| {f_['cross_messages']} | {h_['cross_messages']} |")
     print("\n".join(lines))
     with open(args.out, "w") as f:
         json.dump({"args": vars(args),

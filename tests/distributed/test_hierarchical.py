@@ -4,8 +4,9 @@ and the byte accounting matches a hand count.
 4 ranks as 2 simulated nodes x 2 ranks, EP=4. For each scenario the same layer
 (same weights, same input) runs forward and backward once with the flat
 dispatcher and once with the hierarchical one; each rank returns both results
-and the traffic counters, plus a hand count of the flat traffic from the
-routing map.
+and the traffic counters, plus hand counts from the routing map: the flat
+traffic, and the hierarchical cross-node bytes (a token's row once per remote
+node, metadata per slot, one row per slot back).
 """
 
 import pytest
@@ -18,7 +19,7 @@ from locmoe_train.config import load_config
 from locmoe_train.model.gpt import transformer_config
 from locmoe_train.model.init import init_parameters
 from locmoe_train.moe.dispatcher import AllToAllDispatcher
-from locmoe_train.moe.hierarchical import HierarchicalDispatcher
+from locmoe_train.moe.hierarchical import META_BYTES, HierarchicalDispatcher
 from locmoe_train.moe.layer import MoELayer
 from locmoe_train.parallel.state import destroy_parallel, init_parallel
 
@@ -32,6 +33,8 @@ SCENARIOS = {
     "one_rank_busy": [],
     # DeepSeek-V3 node limit: each token's 2 experts on a single node.
     "node_limited": ["moe.max_nodes_per_token=1"],
+    # Three slots per token: a per-node sum (forward or backward) would change the fp32 order.
+    "top3": ["moe.top_k=3"],
 }
 
 
@@ -94,11 +97,29 @@ def _run_scenario(name: str) -> dict:
                 hand["bytes_cross_node"] += rows * D * 4
                 hand["messages_cross_node"] += 1
     results["hand"] = hand
+    results["hand_hier_cross"] = _hier_cross_hand_count(routing, node, me,
+                                                        cfg.moe.pad_to_capacity)
     expert_node = torch.tensor(node)[torch.arange(E) // (E // 4)]
     nodes_used = [len(set(expert_node[row].tolist())) for row in routing.routing_map_TE]
     results["max_nodes_used"] = max(nodes_used)
     parallel_state.destroy_model_parallel()
     return results
+
+
+def _hier_cross_hand_count(routing, node: list[int], me: int, padded: bool) -> int:
+    """Cross-node bytes this rank's tokens cause on the hierarchical path, both ways."""
+    expert_node = torch.tensor(node)[torch.arange(E) // (E // 4)]
+    total = 0
+    for n in set(node) - {node[me]}:
+        kept_TE = routing.routing_map_TE[:, expert_node == n]
+        kept = int(kept_TE.sum())
+        slots = routing.capacity * kept_TE.shape[1] if padded else kept
+        # One row per token with an expert on node n, plus the padding row once
+        # when some of n's slots are empty.
+        rows = int(kept_TE.any(1).sum()) + (1 if slots > kept else 0)
+        total += rows * D * 4 + slots * META_BYTES  # dispatch: rows, then slot metadata
+        total += slots * D * 4  # combine: one row per slot
+    return total
 
 
 def _scenarios(rank: int) -> dict:
@@ -115,7 +136,7 @@ def results():
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_hierarchical_equals_flat(results, name):
-    totals = {"flat": 0, "hier": 0}
+    totals = {"flat": 0, "hier": 0, "hand_hier": 0}
     messages = {"flat": 0, "hier": 0}
     for rank in range(4):
         res = results[rank][name]
@@ -128,15 +149,33 @@ def test_hierarchical_equals_flat(results, name):
             assert res["max_nodes_used"] == 1  # never over the node budget
         elif name == "dropless":
             assert res["max_nodes_used"] == 2  # without a limit tokens do span nodes
-        for kind in totals:
+        for kind in messages:
             totals[kind] += res[kind]["traffic"]["bytes_cross_node"]
             messages[kind] += res[kind]["traffic"]["messages_cross_node"]
-    # Every slot crosses the node boundary once each way in both schemes...
-    assert totals["hier"] == totals["flat"]
-    # ...but hierarchical uses one message per ordered node pair and direction.
+        totals["hand_hier"] += res["hand_hier_cross"]
+    # Relays count what they forward, so only the sum over ranks matches per-rank hand counts.
+    assert totals["hier"] == totals["hand_hier"], totals
+    if name in ("dropless", "node_limited"):
+        assert totals["hier"] < totals["flat"], totals
+    # Hierarchical uses one message per ordered node pair and direction.
     assert messages["hier"] <= 2 * 2
     if name == "empty_node":
         # Nobody sends to node 1; node 1 still sends its tokens to node 0 and gets them back.
         assert messages["hier"] == 2 and messages["flat"] > messages["hier"]
     if name == "dropless":
         assert messages["flat"] == 2 * 4 * 2  # every rank talks to both remote ranks, both ways
+
+
+def test_node_limit_cuts_cross_node_bytes(results):
+    """Top-2 with both experts of every token on one node: a remote token's row crosses
+    once, not twice, so node-limited routing now sends fewer cross-node bytes."""
+    def cross(name, kind):
+        return sum(results[r][name][kind]["traffic"]["bytes_cross_node"] for r in range(4))
+
+    flat, hier = cross("node_limited", "flat"), cross("node_limited", "hier")
+    # Flat: every remote slot crosses once each way, D*4 bytes each.
+    remote_slots = flat // (2 * D * 4)
+    assert remote_slots > 0 and flat == remote_slots * 2 * D * 4
+    # Per remote token (2 slots): one row saved, two slots' metadata paid.
+    assert flat - hier == remote_slots // 2 * (D * 4 - 2 * META_BYTES), (flat, hier)
+    assert hier < cross("dropless", "hier"), (hier, cross("dropless", "hier"))

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny prepared corpus, megatron state reset, GPU marker."""
+"""Shared fixtures: a tiny prepared corpus, megatron state reset, GPU marker, a fixed
+capacity estimate."""
 
 from __future__ import annotations
 
@@ -33,3 +34,15 @@ def megatron_reset():
     from locmoe_train.parallel.state import destroy_parallel
 
     destroy_parallel()
+
+
+@pytest.fixture
+def fixed_estimate(monkeypatch):
+    """Replace the capacity statistic: ``box[0]`` is the capacity per sequence that the
+    controller's next re-estimations ask for (inf: no cut)."""
+    from locmoe_train.moe import capacity
+    from locmoe_train.moe.capacity_stats import Measurement
+
+    box = [0.0]
+    monkeypatch.setattr(capacity, "measure", lambda *a, **kw: Measurement(box[0], 0.0, 0.0))
+    return box

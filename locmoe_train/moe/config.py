@@ -10,18 +10,27 @@ TP rank) live in the root ``TrainConfig.validate``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from locmoe_train.errors import UserError
 
 
 @dataclass
 class CapacityConfig:
-    """LocMoE+ expert capacity C (tokens per expert per sequence), METHOD.md section 3."""
+    """LocMoE+ expert capacity C (tokens per expert per sequence), docs/locmoe_plus.md."""
     # controller: re-estimate every `interval` steps; fixed: C0 forever;
     # linear_decay: factor falls linearly factor0 -> decay_to over the first decay_fraction of steps.
     policy: Literal["controller", "fixed", "linear_decay"] = "controller"
+    # What the controller re-estimates C from (moe/capacity_stats.py): best_insider_q,
+    # tail_quantile, score_budget (no cut on isotropic features), or outsider_q
+    # (METHOD.md's first statistic, kept for comparison: it cuts on isotropic features).
+    statistic: Literal["best_insider_q", "tail_quantile", "score_budget",
+                       "outsider_q"] = "best_insider_q"
+    # score_budget: the mass the kept candidates must hold lies rho of the way from its
+    # isotropic value to all of the expert's positive affinity mass.
+    rho: float = 0.5
     # C0 = ceil(factor0 * seq_len * top_k / num_experts)
     factor0: float = 1.1
     interval: int = 100
@@ -31,24 +40,46 @@ class CapacityConfig:
     min_fraction: float = 0.4
     # C_ema <- ema * C_ema + (1 - ema) * C_target
     ema: float = 0.9
-    # C is rounded up to a multiple of this (8 on CPU, 64 on GPU suit the hardware).
-    multiple: int = 8
-    # Roll C back when the mean training loss over the `rollback_window` steps
-    # after a cut exceeds the window before it by more than `rollback_tolerance` (relative).
+    # C is rounded up to a multiple of this. auto: the largest power of two <= C0 / 16,
+    # between 1 and 64 (C0 = 18 -> 1, 71 -> 4, 563 -> 32, >= 1024 -> 64: GEMM tiles).
+    multiple: Union[int, Literal["auto"]] = "auto"
+    # Rollback guard (moe/capacity_guard.py): `rollback_window` steps after a cut, their mean
+    # loss is compared with the window before it; the cut is undone when it is worse by
+    # more than `rollback_sigma` standard errors (noise measured before the cut) and by
+    # more than `rollback_tolerance` (relative). Then no cut for `rollback_holdoff`
+    # re-estimations, doubled after each consecutive rollback.
     rollback_window: int = 50
-    rollback_tolerance: float = 0.02
+    rollback_sigma: float = 3.0
+    rollback_tolerance: float = 0.01
+    rollback_holdoff: int = 2
     decay_to: float = 0.66
     decay_fraction: float = 0.1
 
     def validate(self) -> None:
-        for key in ("interval", "multiple", "rollback_window"):
+        for key in ("interval", "rollback_window", "rollback_holdoff"):
             if getattr(self, key) < 1:
                 raise UserError(f"moe.capacity.{key}={getattr(self, key)} must be >= 1.")
+        if self.multiple != "auto" and self.multiple < 1:
+            raise UserError(f"moe.capacity.multiple={self.multiple} must be >= 1, or auto "
+                            f"(a power of two near C0 / 16, at most 64).")
         if not 0 < self.min_fraction <= 1 or not 0 <= self.ema < 1 or self.factor0 <= 0:
             raise UserError(
                 f"moe.capacity needs 0 < min_fraction <= 1, 0 <= ema < 1 and factor0 > 0 "
                 f"(got min_fraction={self.min_fraction}, ema={self.ema}, factor0={self.factor0}).")
+        if not 0 <= self.rho < 1:
+            raise UserError(f"moe.capacity.rho={self.rho} must be in [0, 1): the fraction of "
+                            f"the way from the isotropic mass share to all of it that the kept "
+                            f"candidates must hold (0.5 is the default).")
+        for key in ("rollback_sigma", "rollback_tolerance"):
+            if getattr(self, key) < 0:
+                raise UserError(f"moe.capacity.{key}={getattr(self, key)} must be >= 0 "
+                                f"(0 turns that part of the rollback test off).")
 
+    def resolved_multiple(self, c0: int) -> int:
+        """``multiple``, with auto the largest power of two <= C0 / 16, clamped to [1, 64]."""
+        if self.multiple != "auto":
+            return self.multiple
+        return 1 if c0 < 32 else min(64, 2 ** int(math.log2(c0 / 16)))
 
 
 @dataclass

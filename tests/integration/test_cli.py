@@ -113,26 +113,32 @@ def test_routers_train_end_to_end(tmp_path, tiny_data, router_args):
 
 
 def test_locmoe_plus_two_simulated_nodes(tmp_path, tiny_data):
-    """LocMoE+ end to end on 2 ranks as 2 simulated nodes: capacity cuts, locality loss on."""
+    """LocMoE+ end to end on 2 ranks as 2 simulated nodes: capacity cuts, locality loss on.
+
+    The features of a 12-step run are still near isotropic, where the default statistic
+    rightly keeps C0; METHOD's first statistic (outsider_q) cuts there, which is what
+    this test needs to see a cut travel through training, metrics and events.
+    """
     run_dir = tmp_path / "run"
     r = run_cli(["--config", "configs/ablations/locmoe_plus.yaml", *TINY,
                  f"--data.path={tiny_data}", "--moe.top_k=1", "--train.max_steps=12",
                  "--train.eval_interval=12",
                  "--logging.log_interval=2", "--moe.capacity.warmup=2", "--moe.capacity.interval=2",
                  "--moe.capacity.ema=0.0", "--moe.capacity.multiple=1",
+                 "--moe.capacity.statistic=outsider_q",
                  f"--logging.run_dir={run_dir}"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "capacity: controller from factor 1.1" in r.stdout
     records = read_metrics(str(run_dir))
     train = [x for x in records if "loss" in x]
     layer = train[-1]["moe"]["layer_0"]
-    assert {"capacity", "capacity_target", "q", "c_min", "delta0", "same_node_share",
-            "locality_loss", "load_balancing_loss"} <= layer.keys()
+    assert {"capacity", "capacity_target", "capacity_estimate", "q", "c_min", "delta0",
+            "same_node_share", "locality_loss", "load_balancing_loss"} <= layer.keys()
     assert 0.0 <= layer["same_node_share"] <= 1.0 and layer["locality_loss"] > 0
     c0 = 18  # ceil(1.1 * 64 tokens * top-1 / 4 experts)
     assert train[0]["moe"]["layer_0"]["capacity"] == c0
     events = [e for x in train for e in x.get("capacity_events", [])]
-    assert events, "near-isotropic features at initialisation should allow a cut"
+    assert events, "outsider_q cuts near-isotropic features at initialisation"
     for e in events:
         assert e["reason"] in ("reestimate", "rollback") and e["new"] != e["old"]
     assert layer["capacity"] < c0 and layer["capacity"] >= 8  # floor: ceil(0.4 * 18)

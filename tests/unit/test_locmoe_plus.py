@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from locmoe_train.config import MoEConfig
 from locmoe_train.errors import UserError
-from locmoe_train.moe.capacity import estimate_q
+from locmoe_train.moe.capacity_stats import estimate_q
 from locmoe_train.moe.routers import RouterSetup
 from locmoe_train.moe.routers.locmoe_plus import LocMoEPlusRouter, grap_affinity
 from locmoe_train.moe.losses import locality_loss
@@ -604,8 +604,9 @@ def test_layer_matches_dense_reference_train_and_eval(megatron_reset, impl):
 
 
 def test_layer_controller_observes_the_last_training_micro_batch(megatron_reset):
+    # outsider_q: its q gauge is estimate_q's, which this test recomputes.
     cfg, layer = _layer(["moe.capacity.policy=controller", "moe.capacity.warmup=0",
-                         "moe.capacity.interval=1"])
+                         "moe.capacity.interval=1", "moe.capacity.statistic=outsider_q"])
     controller = layer.router.controller
     assert (controller.cfg.warmup, controller.cfg.interval) == (0, 1)
     x1, x2, x3 = _layer_input(1), _layer_input(2), _layer_input(3)
@@ -625,7 +626,8 @@ def test_layer_controller_observes_the_last_training_micro_batch(megatron_reset)
     assert event is None or (isinstance(event, dict)
                              and {"step", "old", "new", "reason"} <= set(event))
     gauges = layer.router.gauges()
-    assert {"capacity", "capacity_target", "q", "c_min", "delta0"} <= set(gauges)
+    assert {"capacity", "capacity_target", "capacity_estimate", "q", "c_min",
+            "delta0"} <= set(gauges)
     assert gauges["q"] == pytest.approx(q_of(x2), abs=1e-6)
     assert math.isfinite(gauges["delta0"]) and math.isfinite(gauges["c_min"])
     assert 1 <= gauges["capacity"] <= controller.c0

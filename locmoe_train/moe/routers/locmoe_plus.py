@@ -106,7 +106,7 @@ class LocMoEPlusRouter(Router):
                     capacity = min(T, self.controller.local_capacity(T * self.sp_size))
                 kept_TE = drop_over_capacity(kept_TE, delta_TE, capacity, "probs")
         if self.training:
-            self.controller.observe(delta_TE.detach(), top_TK[:, 0])
+            self.controller.observe(delta_TE.detach(), top_TK)
         return RoutingResult(kept_TE, probs_TE * kept_TE, delta_TE, requested_slots=requested,
                              capacity=capacity, probs_TE=probs_TE, selected_TE=selected_TE,
                              logits_TE=logits_TE)
@@ -174,7 +174,8 @@ class LocMoEPlusRouter(Router):
             return "none (token choice only)"
         c = cfg.capacity
         if c.policy == "controller":
-            return f"{c.policy} from factor {c.factor0} (every {c.interval} steps after {c.warmup})"
+            return (f"{c.policy} from factor {c.factor0} ({c.statistic}, every {c.interval} "
+                    f"steps after {c.warmup})")
         return f"{c.policy} from factor {c.factor0}"
 
     @classmethod

@@ -127,6 +127,10 @@ def convert_tensors(cfg, src: dict, architecture: str, vocab_size: int) -> dict:
         for name in ("weight", "tau", "expert_bias"):
             if f"{mlp}.router.{name}" in src:
                 out[f"{hf}.mlp.gate.{name}"] = take(f"{mlp}.router.{name}")
+        if f"{mlp}.router.log_tau" in src:  # moe.locmoe_plus.learn_tau
+            out[f"{hf}.mlp.gate.tau"] = take(f"{mlp}.router.log_tau").exp()
+        if f"{mlp}.router.node_bias" in src:  # per node: no place in a one-device model
+            take(f"{mlp}.router.node_bias")
     left = sorted(set(src) - used)
     if left:
         raise UserError(f"the checkpoint has tensors the export does not know how to map "

@@ -68,6 +68,11 @@ def plan_export(cfg, requested: str = "auto") -> Plan:
             f"moe.max_nodes_per_token={moe.max_nodes_per_token}: node-limited routing depends "
             f"on the training cluster's expert placement; the exported model chooses among "
             f"all experts.")
+    if moe.locality_node_bias is not False and moe.locality_loss_coeff > 0:
+        plan.warnings.append(
+            "moe.locality_node_bias: training added a learned per-node bias to the routing "
+            "scores (if the experts spanned nodes); it depends on the rank's node, so the "
+            "exported model routes without it.")
     return plan
 
 

@@ -3,7 +3,9 @@
 Each parameter's full value (under its canonical name, see
 ``parallel/sharding.py``) is drawn from a generator seeded by
 ``(train.seed, canonical name)`` and this rank keeps its shard. So the same
-seed gives the same model at any TP / EP / ETP layout.
+seed gives the same model at any TP / EP / ETP layout. A parameter tagged
+``keep_init`` keeps the value its module gave it (LocMoE+'s learned log tau,
+the routers' locality node bias: constants, so layout-independent too).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def _std(name: str, cfg: TrainConfig) -> float:
 def init_parameters(model: torch.nn.Module, cfg: TrainConfig, pctx: ParallelContext) -> None:
     tag_tensor_parallel(model)
     for name, param in model.named_parameters():
+        if getattr(param, "keep_init", False):
+            continue
         info = shard_info(name, param, cfg, pctx)
         if param.dim() == 1:  # norm weights (the model has no biases)
             param.fill_(1.0)

@@ -27,7 +27,7 @@ class CapacityConfig:
     # tail_quantile, score_budget (no cut on isotropic features), or outsider_q
     # (METHOD.md's first statistic, kept for comparison: it cuts on isotropic features).
     statistic: Literal["best_insider_q", "tail_quantile", "score_budget",
-                       "outsider_q"] = "best_insider_q"
+                       "outsider_q"] = "tail_quantile"
     # score_budget: the mass the kept candidates must hold lies rho of the way from its
     # isotropic value to all of the expert's positive affinity mass.
     rho: float = 0.5
@@ -88,8 +88,11 @@ class LocMoEPlusConfig:
     # tcr_ecr: token choice then expert choice (LocMoE+); tcr: token choice only
     # (no capacity); ecr: expert choice only (each expert's top-C tokens).
     mode: Literal["tcr_ecr", "tcr", "ecr"] = "tcr_ecr"
-    # Gate value softmax(affinity / tau).
-    tau: float = 1.0
+    # Gate value softmax(affinity / tau). auto: 1 / sqrt(model.hidden_size), the spread
+    # of the cosine affinity on isotropic features, so the logits start at unit
+    # variance (tau = 1 leaves the gate near 1/E: docs/locmoe_plus.md, "The gate").
+    tau: Union[float, Literal["auto"]] = "auto"
+    # Learn tau (as log tau, so it stays > 0), starting from `tau`.
     learn_tau: bool = False
     # local: each rank ranks its own tokens; global: thresholds over the TP/SP group.
     ranking: Literal["local", "global"] = "local"
@@ -135,6 +138,11 @@ class MoEConfig:
     # the EP group live on more than one node (real or parallel.ranks_per_node).
     locality_loss_coeff: float = 0.0
     locality_eps: float = 0.1
+    # A learned per-node bias on the routing scores (topk, locmoe_plus), the term the
+    # locality loss trains: a router that sees only the token cannot raise the
+    # same-node share, as every rank draws the same data (docs/locality.md).
+    # auto: on when the locality loss is (coeff > 0 and experts on > 1 node).
+    locality_node_bias: Union[bool, Literal["auto"]] = "auto"
     # Node-limited routing: each token may use experts on at most this many
     # nodes, nodes ranked by their best expert score (DeepSeek-V3); null = no limit.
     max_nodes_per_token: Optional[int] = None

@@ -61,18 +61,18 @@ class MoELayer(nn.Module):
         E = moe_cfg.num_experts
         expert_node = mp.expert_node(E)
         base = setup or RouterSetup()
+        me = mp.node_of_rank[mp.rank]
+        local_E = torch.tensor([n == me for n in expert_node])
         self.router = router_class(moe_cfg.router)(moe_cfg, config.hidden_size, RouterSetup(
             sequence_parallel=mp.sequence_parallel, sp_group=mp.sp_group, sp_size=mp.sp_size,
             expert_node_E=torch.tensor(expert_node, dtype=torch.int64),
             vocab_size=base.vocab_size, seed=base.seed, seq_len=base.seq_len,
-            max_steps=base.max_steps))
+            max_steps=base.max_steps, local_experts_E=local_E))
         self.experts = SwiGLUExperts(E // mp.ep_size, config.hidden_size, ffn_hidden_size,
                                      moe_cfg.experts)
         self.dispatcher = dispatcher_class(moe_cfg.dispatcher).build(E, mp,
                                                                      moe_cfg.pad_to_capacity)
-        me = mp.node_of_rank[mp.rank]
-        self.register_buffer("local_experts", torch.tensor([n == me for n in expert_node]),
-                             persistent=False)
+        self.register_buffer("local_experts", local_E, persistent=False)
         self.aux_context = AuxContext(top_k=moe_cfg.top_k, sp_group=mp.sp_group,
                                       sp_size=mp.sp_size, multi_node=len(set(expert_node)) > 1,
                                       locality_eps=moe_cfg.locality_eps)

@@ -1,7 +1,8 @@
 """AdamW with decoupled weight decay and the param groups we train with.
 
 No weight decay on 1-D parameters (norm weights; the model has no biases):
-decaying a norm's gain towards zero fights the normalisation. Fused AdamW is
+decaying a norm's gain towards zero fights the normalisation. Nor on a
+parameter tagged ``no_weight_decay`` (the routers' locality node bias). Fused AdamW is
 used on CUDA when available (torch >= 2.0), foreach elsewhere.
 """
 
@@ -17,7 +18,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 else decay).append(p)
+        (no_decay if p.dim() < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

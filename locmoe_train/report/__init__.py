@@ -110,6 +110,7 @@ def write_markdown(runs: list[Run], written: dict[str, str], notes: list[str], o
         ""]
     captions = {"loss": "Loss", "lr": "Learning rate", "tokens_per_s": "Throughput",
                 "imbalance": "Load imbalance", "capacity": "Expert capacity",
+                "capacity_frontier": "Capacity frontier",
                 "dropped_fraction": "Dropped fraction", "same_node_share": "Same-node share"}
     for name in PLOTS:
         if name in written:

@@ -11,7 +11,8 @@ import os
 from typing import Optional
 
 from locmoe_train.errors import UserError
-from locmoe_train.report.runs import Run, capacity_trajectory, file_safe, layer_mean
+from locmoe_train.report.runs import (Run, capacity_kind, capacity_trajectory, file_safe,
+                                      layer_mean, tokens_per_expert_per_step)
 
 
 # Every line plot is FIG_SIZE inches at DPI; the heatmaps are FIG_SIZE[0] wide and
@@ -20,8 +21,8 @@ DPI = 100
 FIG_SIZE = (9.0, 5.0)
 # Loss axes are logarithmic when the largest loss is this many times the smallest.
 LOG_LOSS_RATIO = 2.5
-PLOTS = ("loss", "lr", "tokens_per_s", "imbalance", "capacity", "dropped_fraction",
-         "same_node_share")
+PLOTS = ("loss", "lr", "tokens_per_s", "imbalance", "capacity", "capacity_frontier",
+         "dropped_fraction", "same_node_share")
 
 
 # ---- plots ---------------------------------------------------------------------
@@ -178,6 +179,49 @@ def _plot_capacity(fig, runs: list[Run]) -> None:
     ax.legend(ncols=max(1, math.ceil(len(handles) / 12)), fontsize="small", loc="lower left")
 
 
+def frontier_points(runs: list[Run]) -> list[dict]:
+    """Per run with a final val loss and MoE counts: name, kind (``capacity_kind``), top_k,
+    tokens per expert per step and the final val loss."""
+    points = []
+    for run in runs:
+        tpe = tokens_per_expert_per_step(run)
+        if tpe is None or not run.evals:
+            continue
+        points.append({"name": run.name, "kind": capacity_kind(run),
+                       "top_k": (run.config.get("moe") or {}).get("top_k"),
+                       "tokens_per_expert": tpe, "val_loss": run.evals[-1]["val_loss"]})
+    return points
+
+
+def _plot_frontier(fig, points: list[dict]) -> None:
+    """Final val loss against tokens processed per expert: fixed-capacity runs as a line
+    per top-k (the frontier), the others as labelled points."""
+    ax = fig.add_subplot()
+    fixed: dict = {}
+    for p in points:
+        if p["kind"] == "fixed":
+            fixed.setdefault(p["top_k"], []).append(p)
+    for (k, group), color in zip(sorted(fixed.items(), key=lambda kv: str(kv[0])),
+                                 _colors(max(1, len(fixed)))):
+        group.sort(key=lambda p: p["tokens_per_expert"])
+        ax.plot([p["tokens_per_expert"] for p in group], [p["val_loss"] for p in group],
+                color=color, marker="o", linewidth=2, label=f"fixed capacity, top-{k}")
+        for p in group:
+            ax.annotate(p["name"], (p["tokens_per_expert"], p["val_loss"]), fontsize="small",
+                        textcoords="offset points", xytext=(4, 4))
+    markers = {"adaptive": ("*", 16), "dropless": ("s", 9), "unknown": ("D", 8)}
+    others = [p for p in points if p["kind"] != "fixed"]
+    for p, color in zip(others, _colors(len(others) + len(fixed))[len(fixed):]):
+        marker, size = markers[p["kind"]]
+        ax.plot([p["tokens_per_expert"]], [p["val_loss"]], linestyle="none", marker=marker,
+                markersize=size, color=color, label=f"{p['name']} ({p['kind']})")
+    ax.set_title("Capacity frontier: final val loss against tokens processed per expert")
+    ax.set_xlabel("tokens processed per expert per step (mean over the run, experts, layers)")
+    ax.set_ylabel("final val loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def _heatmap_height(n_layers: int) -> float:
     return 1.0 + 2.0 * n_layers
 
@@ -233,46 +277,38 @@ def write_plots(runs: list[Run], out: str) -> tuple[dict[str, str], list[str]]:
         return any(e.get(key) is not None for run in runs for r in run.train
                    for e in r.get("moe", {}).values())
 
-    fig = new_figure()
-    _plot_loss(fig, runs)
-    save(fig, "loss")
-    fig = new_figure()
-    _plot_series(fig, runs, "lr", "Learning rate", "learning rate")
-    save(fig, "lr")
-    fig = new_figure()
-    _plot_series(fig, runs, "tokens_per_s", "Throughput (tokens/s, all ranks)", "tokens / s",
-                 bottom=0.0, thousands=True)
-    save(fig, "tokens_per_s")
-    if any("moe_imbalance" in r for run in runs for r in run.train):
+    def plot(name: str, draw, available: bool = True, missing: str = "") -> None:
+        """Draw ``name`` with ``draw(fig)`` when ``available``, else note ``missing``."""
+        if not available:
+            notes.append(missing)
+            return
         fig = new_figure()
-        _plot_series(fig, runs, "moe_imbalance",
-                     "Expert load imbalance (max/mean tokens per expert, worst layer)",
-                     "max / mean (1 = balanced)", bottom=1.0)
-        save(fig, "imbalance")
-    else:
-        notes.append("no imbalance plot: no run logged MoE statistics")
-    if has("capacity"):
-        fig = new_figure()
-        _plot_capacity(fig, runs)
-        save(fig, "capacity")
-    else:
-        notes.append("no capacity plot: no run has a capacity (only moe.router=locmoe_plus "
-                     "with an expert-choice stage logs one)")
-    if has("dropped_fraction"):
-        fig = new_figure()
-        _plot_layer_mean(fig, runs, "dropped_fraction", "Dropped fraction of routed slots",
-                         "dropped fraction")
-        save(fig, "dropped_fraction")
-    else:
-        notes.append("no dropped-fraction plot: no run logged MoE statistics")
-    if has("same_node_share"):
-        fig = new_figure()
-        _plot_layer_mean(fig, runs, "same_node_share",
-                         "Share of routed tokens on an expert of their own node",
-                         "same-node share")
-        save(fig, "same_node_share")
-    else:
-        notes.append("no same-node plot: no run logged locality statistics")
+        draw(fig)
+        save(fig, name)
+
+    points = frontier_points(runs)
+    plot("loss", lambda fig: _plot_loss(fig, runs))
+    plot("lr", lambda fig: _plot_series(fig, runs, "lr", "Learning rate", "learning rate"))
+    plot("tokens_per_s", lambda fig: _plot_series(
+        fig, runs, "tokens_per_s", "Throughput (tokens/s, all ranks)", "tokens / s",
+        bottom=0.0, thousands=True))
+    plot("imbalance", lambda fig: _plot_series(
+        fig, runs, "moe_imbalance", "Expert load imbalance (max/mean tokens per expert, "
+        "worst layer)", "max / mean (1 = balanced)", bottom=1.0),
+         any("moe_imbalance" in r for run in runs for r in run.train),
+         "no imbalance plot: no run logged MoE statistics")
+    plot("capacity", lambda fig: _plot_capacity(fig, runs), has("capacity"),
+         "no capacity plot: no run has a capacity (only moe.router=locmoe_plus with an "
+         "expert-choice stage logs one)")
+    plot("capacity_frontier", lambda fig: _plot_frontier(fig, points), len(points) >= 2,
+         "no capacity-frontier plot: it needs two or more runs with a val loss and MoE counts")
+    plot("dropped_fraction", lambda fig: _plot_layer_mean(
+        fig, runs, "dropped_fraction", "Dropped fraction of routed slots", "dropped fraction"),
+         has("dropped_fraction"), "no dropped-fraction plot: no run logged MoE statistics")
+    plot("same_node_share", lambda fig: _plot_layer_mean(
+        fig, runs, "same_node_share", "Share of routed tokens on an expert of their own node",
+        "same-node share"),
+         has("same_node_share"), "no same-node plot: no run logged locality statistics")
     for run in runs:
         fig = _plot_expert_load(new_figure, run)
         name = f"expert_load_{file_safe(run.name)}"

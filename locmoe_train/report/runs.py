@@ -162,3 +162,38 @@ def capacity_trajectory(run: Run, layer: str) -> tuple[list[int], list[float], l
     return steps, [points[s] for s in steps], rollbacks
 
 
+
+
+def mean_tokens_per_expert(train: list[dict]) -> Optional[float]:
+    """Mean tokens an expert processed per optimizer step over training records (all
+    ranks, mean over experts and MoE layers); None without MoE counts. Each record sums
+    the steps since the previous one, so the records' sums over their steps give the mean."""
+    total, steps, prev = 0.0, 0, 0
+    for r in train:
+        layers = [e["tokens_per_expert"] for e in (r.get("moe") or {}).values()
+                  if isinstance(e, dict) and e.get("tokens_per_expert")]
+        if layers:
+            total += sum(sum(c) / len(c) for c in layers) / len(layers)
+            steps += r["step"] - prev
+        prev = r["step"]
+    return total / steps if steps else None
+
+
+def tokens_per_expert_per_step(run: Run) -> Optional[float]:
+    """``mean_tokens_per_expert`` of a run's training records."""
+    return mean_tokens_per_expert(run.train)
+
+
+def capacity_kind(run: Run) -> str:
+    """How a run bounds tokens per expert, from its config.yaml: ``fixed`` (a capacity
+    factor or LocMoE+ ``policy: fixed``), ``adaptive`` (LocMoE+'s controller or schedule),
+    ``dropless`` or ``unknown``."""
+    moe = run.config.get("moe") or {}
+    if not moe:
+        return "unknown"
+    if moe.get("router") == "locmoe_plus":
+        if (moe.get("locmoe_plus") or {}).get("mode") == "tcr":
+            return "dropless"
+        policy = (moe.get("capacity") or {}).get("policy", "controller")
+        return "fixed" if policy == "fixed" else "adaptive"
+    return "dropless" if moe.get("capacity_factor") is None else "fixed"

@@ -13,7 +13,9 @@ validation loss, tokens/s (mean over the log intervals after the first, which
 includes start-up), and from the last record the MoE metrics: imbalance
 (busiest expert over mean, worst layer), dropped and unrouted fractions (mean
 over layers), same-node share, cross-node MB per step, capacity C, plus the
-wall time. MoE columns no run has are left out.
+mean tokens an expert processed per step over the whole run (``tokens_per_expert``,
+all records: the x axis of the capacity frontier) and the wall time. MoE
+columns no run has are left out.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 from typing import Any, Optional
 
+from locmoe_train.report.runs import mean_tokens_per_expert
 from locmoe_train.sweep.runner import status_of
 from locmoe_train.sweep.spec import Run, Sweep, format_value
 
@@ -31,8 +34,9 @@ from locmoe_train.sweep.spec import Run, Sweep, format_value
 METRICS = [("steps", None), ("train_loss", ".4f"), ("val_loss", ".4f"),
            ("tokens_per_s", ".0f"), ("imbalance", ".2f"), ("dropped", ".3f"),
            ("unrouted", ".3f"), ("same_node", ".3f"), ("cross_node_MB", ".2f"),
-           ("capacity", None), ("wall_s", ".0f")]
-OPTIONAL = {"imbalance", "dropped", "unrouted", "same_node", "cross_node_MB", "capacity"}
+           ("capacity", None), ("tokens_per_expert", ".1f"), ("wall_s", ".0f")]
+OPTIONAL = {"imbalance", "dropped", "unrouted", "same_node", "cross_node_MB", "capacity",
+            "tokens_per_expert"}
 
 
 def _records(run_dir: str) -> list[dict]:
@@ -82,7 +86,9 @@ def final_metrics(run_dir: str) -> dict[str, Any]:
     if last.get("bytes_cross_node") is not None:
         out["cross_node_MB"] = last["bytes_cross_node"] / 1e6
     out["capacity"] = last.get("moe_capacity")
+    out["tokens_per_expert"] = mean_tokens_per_expert(train)
     return out
+
 
 
 def _setting(run: Run, key: str) -> Any:

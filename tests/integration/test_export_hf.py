@@ -3,6 +3,7 @@ transformers, loaded offline; logits equal ours within 1e-4 (fp32) on the same t
 tokenizer gives our ids, and checkpoints transformers cannot express are refused by name."""
 
 import json
+import math
 import os
 import shutil
 import types
@@ -179,11 +180,18 @@ def _random_bias(model):
     model.decoder.layers[0].mlp.router.expert_bias.normal_(0.0, 0.5)
 
 
+def _learned_tau(model):
+    model.decoder.layers[0].mlp.router.log_tau.fill_(math.log(0.3))
+
+
 @pytest.mark.parametrize("overrides, tweak, architecture", [
     (["moe.impl=megatron", "moe.renormalize=true"], None, "MixtralForCausalLM"),
     (["moe.router=aux_free"], _random_bias, "LocMoEForCausalLM"),
+    # The learned tau is saved as log tau; the export writes tau itself.
+    (["moe.router=locmoe_plus", "moe.top_k=1", "moe.locmoe_plus.learn_tau=true"], _learned_tau,
+     "LocMoEForCausalLM"),
     (["moe.renormalize=false", "model.moe_every=2"], None, "LocMoEForCausalLM"),
-], ids=["megatron-impl", "aux_free", "topk-unnormalised-dense"])
+], ids=["megatron-impl", "aux_free", "locmoe_plus-learned-tau", "topk-unnormalised-dense"])
 def test_other_routers_match_ours(tmp_path, tiny_data, overrides, tweak, architecture):
     from locmoe_train.hf.export import export
 

@@ -9,6 +9,8 @@ import pytest
 
 from helpers import read_metrics, run_cli
 from locmoe_train import report
+from locmoe_train.report import plots
+from locmoe_train.report.runs import Run, capacity_kind, tokens_per_expert_per_step
 from locmoe_train.errors import UserError
 
 TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
@@ -16,8 +18,8 @@ TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention
         "--train.micro_batch_size=4", "--optim.warmup_steps=3", "--optim.lr=5e-3",
         "--optim.min_lr=5e-4", "--train.eval_samples=8", "--logging.log_interval=4",
         "--train.max_steps=16", "--train.eval_interval=8", "--parallel.ep=1"]
-LINE_PLOTS = ["loss", "lr", "tokens_per_s", "imbalance", "capacity", "dropped_fraction",
-              "same_node_share"]
+LINE_PLOTS = ["loss", "lr", "tokens_per_s", "imbalance", "capacity", "capacity_frontier",
+              "dropped_fraction", "same_node_share"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,7 +65,7 @@ def test_two_runs_overlaid(runs, tmp_path):
     out = tmp_path / "report"
     r = run_cli(["report", *runs, f"--out={out}"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"report: 9 plots and {out}/report.md for 2 run(s)" in r.stdout
+    assert f"report: 10 plots and {out}/report.md for 2 run(s)" in r.stdout
     line_w, line_h = (round(x * report.DPI) for x in report.FIG_SIZE)
     # Same basename "run": names take the parent directory, and so do the heatmap files.
     expected = {f"{p}.png": (line_w, line_h) for p in LINE_PLOTS}
@@ -100,7 +102,8 @@ def test_single_run_defaults_and_damaged_files(runs, tmp_path):
         f.write('{"step": 17, "loss": 1.0, "lr"')
     assert report.main([str(run_dir)]) == 0
     out = run_dir / "report"
-    plots = [f"{p}.png" for p in LINE_PLOTS if p != "capacity"] + ["expert_load_myrun.png"]
+    plots = [f"{p}.png" for p in LINE_PLOTS if p not in ("capacity", "capacity_frontier")]
+    plots += ["expert_load_myrun.png"]
     assert sorted(os.listdir(out)) == sorted([*plots, "report.md"])
     md = (out / "report.md").read_text()
     loss, best_val = final_values(runs[0])
@@ -108,6 +111,7 @@ def test_single_run_defaults_and_damaged_files(runs, tmp_path):
     assert f"- skipped 1 unreadable line(s) in {run_dir}/metrics.jsonl" in md
     assert f"- ignored metrics.1.jsonl in {run_dir} (earlier runs in the same directory)" in md
     assert "- no capacity plot: no run has a capacity" in md
+    assert "- no capacity-frontier plot: it needs two or more runs" in md
 
 
 def test_missing_metrics_exits_2(tmp_path):
@@ -130,3 +134,33 @@ def test_run_names():
     assert report.run_names(["x/a/run", "y/a/run", "z/run"]) == ["x/a/run", "y/a/run", "z/run"]
     assert report.run_names(["r", "r/"]) == ["r", "r#2"]
     assert report.file_safe("x/a run") == "x_a_run"
+
+
+def _run(name, moe, records, val=4.0):
+    return Run(name, "/x", train=records, evals=[{"step": records[-1]["step"], "val_loss": val}],
+               config={"moe": moe})
+
+
+def test_frontier_points_average_tokens_per_expert_over_the_logged_windows():
+    # Records sum their window: step 1 alone, then steps 2-10 and 11-20.
+    recs = [{"step": 1, "loss": 1.0, "moe": {"layer_0": {"tokens_per_expert": [4, 0]},
+                                            "layer_1": {"tokens_per_expert": [2, 2]}}},
+            {"step": 10, "loss": 1.0, "moe": {"layer_0": {"tokens_per_expert": [18, 18]},
+                                             "layer_1": {"tokens_per_expert": [36, 0]}}},
+            {"step": 20, "loss": 1.0, "moe": {"layer_0": {"tokens_per_expert": [10, 10]},
+                                             "layer_1": {"tokens_per_expert": [20, 0]}}}]
+    # Per expert and layer: (2 + 18 + 10) over 20 steps.
+    assert tokens_per_expert_per_step(_run("a", {}, recs)) == pytest.approx(1.5)
+    runs = [_run("cf1.1", {"router": "topk", "top_k": 1, "capacity_factor": 1.1}, recs, 4.1),
+            _run("drop", {"router": "topk", "top_k": 2}, recs, 3.9),
+            _run("lp", {"router": "locmoe_plus", "top_k": 1}, recs, 4.0),
+            _run("lp_fixed", {"router": "locmoe_plus", "top_k": 1,
+                              "capacity": {"policy": "fixed"}}, recs, 4.2),
+            _run("lp_tcr", {"router": "locmoe_plus", "locmoe_plus": {"mode": "tcr"}}, recs),
+            Run("nomoe", "/x", train=[{"step": 1, "loss": 1.0}], evals=[])]
+    points = {p["name"]: p for p in plots.frontier_points(runs)}
+    assert {n: p["kind"] for n, p in points.items()} == {
+        "cf1.1": "fixed", "drop": "dropless", "lp": "adaptive", "lp_fixed": "fixed",
+        "lp_tcr": "dropless"}
+    assert points["cf1.1"]["val_loss"] == 4.1 and points["drop"]["top_k"] == 2
+    assert capacity_kind(Run("n", "/x", [], [])) == "unknown"

@@ -139,8 +139,32 @@ def test_router_has_no_learned_weights():
     assert not hasattr(router, "weight")
     router = _router(learn_tau=True, tau=0.5)
     params = dict(router.named_parameters())
-    assert list(params) == ["tau"]
-    assert float(params["tau"]) == 0.5
+    assert list(params) == ["log_tau"]  # learned in log space: tau stays > 0
+    assert float(params["log_tau"]) == pytest.approx(math.log(0.5))
+    assert float(router.temperature()) == pytest.approx(0.5)
+
+
+def test_tau_auto_is_one_over_sqrt_hidden_and_gives_unit_variance_logits():
+    router = _router(num_experts=8, hidden=256, tau="auto")
+    assert float(router.tau) == pytest.approx(1 / 16)
+    x = torch.randn(20000, 256, generator=torch.Generator().manual_seed(0))
+    logits = router(x).logits_TE
+    assert logits.std().item() == pytest.approx(1.0, abs=0.03)
+    # tau = 1 leaves the gate within a few percent of 1/E on the same features.
+    flat = _router(num_experts=8, hidden=256, tau=1.0)(x).probs_TE
+    assert (flat - 1 / 8).abs().max().item() < 0.05
+    assert torch.softmax(logits, -1).max(-1).values.mean().item() > 0.3
+    with pytest.raises(UserError, match=r"moe.locmoe_plus.tau=-1.0 must be > 0, or auto"):
+        cfg = MoEConfig(router="locmoe_plus", num_experts=4, top_k=1)
+        cfg.locmoe_plus.tau = -1.0
+        LocMoEPlusRouter.validate(cfg)
+
+
+def test_a_learned_tau_from_an_old_checkpoint_loads_as_its_log():
+    old = {"tau": torch.tensor(0.25)}  # the parameter's name before log tau
+    router = _router(learn_tau=True, tau=1.0)
+    router.load_state_dict(old)
+    assert float(router.temperature()) == pytest.approx(0.25)
 
 
 # ---- 3. TCR / ECR against a brute-force reference -------------------------------
@@ -347,17 +371,18 @@ def test_gradient_flows_through_the_gate_into_x():
 def test_learnable_tau_gets_a_gradient():
     T, D, E = 12, 16, 4
     router = _router(num_experts=E, top_k=2, hidden=D, seq_len=T, tau=0.7, learn_tau=True)
-    assert isinstance(router.tau, torch.nn.Parameter)
+    assert isinstance(router.log_tau, torch.nn.Parameter)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     out = router(x)
     loss = (out.gates_TE * torch.arange(1.0, E + 1)).sum()
     loss.backward()
-    assert router.tau.grad is not None and torch.isfinite(router.tau.grad)
-    tau_ref = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    ref = _reference_gates(x.detach().double(), out.routing_map_TE, E, tau_ref)
+    assert router.log_tau.grad is not None and torch.isfinite(router.log_tau.grad)
+    log_tau_ref = torch.tensor(math.log(0.7), dtype=torch.float64, requires_grad=True)
+    ref = _reference_gates(x.detach().double(), out.routing_map_TE, E, log_tau_ref.exp())
     (ref * torch.arange(1.0, E + 1, dtype=torch.float64)).sum().backward()
-    assert float(router.tau.grad) == pytest.approx(float(tau_ref.grad), rel=1e-4, abs=1e-7)
-    assert abs(float(tau_ref.grad)) > 1e-4
+    assert float(router.log_tau.grad) == pytest.approx(float(log_tau_ref.grad), rel=1e-4,
+                                                       abs=1e-7)
+    assert abs(float(log_tau_ref.grad)) > 1e-4
     assert x.grad.abs().sum() > 0
     # A fixed tau is a buffer, not a parameter.
     fixed = _router(tau=0.7)

@@ -352,7 +352,7 @@ def test_locmoe_plus_ecr_candidates_are_the_allowed_tokens(max_nodes):
     result = _route("locmoe_plus_ecr", max_nodes, BLOCKS_8x4, seed=5)
     assert torch.equal(result.routing_map_TE,
                        drop_over_capacity(allowed, delta, result.capacity, "probs"))
-    probs = torch.softmax(delta, dim=-1)  # tau = 1
+    probs = torch.softmax(delta * 4, dim=-1)  # tau auto = 1 / sqrt(D = 16)
     torch.testing.assert_close(result.gates_TE, probs * result.routing_map_TE)
 
 

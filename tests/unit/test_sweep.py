@@ -181,23 +181,26 @@ def test_summary_has_one_row_per_run_with_final_metrics(tmp_path, base_file):
     assert [r["run"] for r in table] == ["top_k-1_lr-0.001", "top_k-2_lr-0.001"]
     assert list(table[0]) == ["run", "moe.top_k", "optim.lr", "status", "steps", "train_loss",
                               "val_loss", "tokens_per_s", "imbalance", "dropped", "unrouted",
-                              "same_node", "cross_node_MB", "capacity", "wall_s"]
+                              "same_node", "cross_node_MB", "capacity", "tokens_per_expert",
+                              "wall_s"]
     assert table[0] == {"run": "top_k-1_lr-0.001", "moe.top_k": "1", "optim.lr": "0.001",
                         "status": "completed", "steps": "20", "train_loss": "4.0",
                         "val_loss": "4.5", "tokens_per_s": "400.0", "imbalance": "1.25",
                         "dropped": "0.5", "unrouted": "0.1", "same_node": "0.5",
-                        "cross_node_MB": "2.5", "capacity": "16", "wall_s": "12.5"}
+                        "cross_node_MB": "2.5", "capacity": "16",
+                        # each record sums its window: (2 + 2 + 2) over 20 steps
+                        "tokens_per_expert": "0.3", "wall_s": "12.5"}
     assert table[1]["status"] == "failed" and table[1]["steps"] == "10"
     assert table[1]["val_loss"] == "" and table[1]["cross_node_MB"] == ""
     assert (tmp_path / "out" / "summary.md").read_text() == markdown
     lines = markdown.splitlines()
     assert lines[0] == ("| run | moe.top_k | optim.lr | status | steps | train_loss | val_loss | "
                         "tokens_per_s | imbalance | dropped | unrouted | same_node | "
-                        "cross_node_MB | capacity | wall_s |")
+                        "cross_node_MB | capacity | tokens_per_expert | wall_s |")
     assert lines[2] == ("| top_k-1_lr-0.001 | 1 | 0.001 | completed | 20 | 4.0000 | 4.5000 | 400 "
-                        "| 1.25 | 0.500 | 0.100 | 0.500 | 2.50 | 16 | 12 |")
+                        "| 1.25 | 0.500 | 0.100 | 0.500 | 2.50 | 16 | 0.3 | 12 |")
     assert lines[3] == ("| top_k-2_lr-0.001 | 2 | 0.001 | failed | 10 | 5.0000 | - | 300 | 1.70 "
-                        "| 0.500 | 0.100 | 0.500 | - | 24 | - |")
+                        "| 0.500 | 0.100 | 0.500 | - | 24 | 0.4 | - |")
     assert len(lines) == 4
 
 

@@ -34,6 +34,16 @@ the (token, expert) pairs allowed on each token's top nodes, ranked by the
 router's own selection scores; each router restricts its usual selection to
 them. Whether the limit leaves room for ``top_k`` experts is checked when the
 router is built.
+
+Locality node bias (``moe.locality_node_bias``; routers with
+``supports_node_bias``): a learned ``node_bias`` [N nodes, E], zero at start;
+a rank adds its node's row to its routing scores (selection and gate alike,
+``add_node_bias``). It is the rank-dependent term the locality loss trains.
+Without it the loss cannot act: every rank draws tokens from the same
+distribution, so a router that sees only the token sends the same share of
+every rank's tokens to each expert, and the same-node share stays at the
+fraction of experts on a node whatever the routing (docs/locality.md). Each
+row gets gradient only from its node's ranks; it is not weight-decayed.
 """
 
 from __future__ import annotations
@@ -64,6 +74,8 @@ class RouterSetup:
     seed: int = 0  # hash routing
     seq_len: int = 1  # LocMoE+ capacity (per sequence)
     max_steps: int = 1  # LocMoE+ capacity schedules
+    # Bool [E]: the experts on this rank's node (locality node bias); None = unknown.
+    local_experts_E: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class Router(nn.Module):
     node_limit_needs_top_k: ClassVar[bool] = True
     # Names of the aux terms (moe/aux.py) this router provides inputs for.
     aux_terms: ClassVar[tuple[str, ...]] = ()
+    # Whether forward() adds the locality node bias (``add_node_bias``).
+    supports_node_bias: ClassVar[bool] = False
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, setup: RouterSetup = RouterSetup()):
         super().__init__()
@@ -101,6 +115,28 @@ class Router(nn.Module):
         self._aux_context = AuxContext(top_k=cfg.top_k, sp_group=setup.sp_group,
                                        sp_size=setup.sp_size)
         self._aux = active_terms(cfg, self.aux_terms, self._aux_context, scope="router")
+        self.node_bias, self._bias_row = None, 0
+        if node_bias_active(cfg, self._num_nodes) and self.supports_node_bias:
+            self.node_bias = nn.Parameter(torch.zeros(self._num_nodes, self.num_experts))
+            setattr(self.node_bias, "no_weight_decay", True)
+            setattr(self.node_bias, "keep_init", True)  # zero: model/init.py leaves it
+            setattr(self.node_bias, "sequence_parallel", setup.sequence_parallel)
+            if setup.local_experts_E is not None and bool(setup.local_experts_E.any()):
+                self._bias_row = int(self._node_index_E[setup.local_experts_E.cpu()].min())
+
+    def add_node_bias(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """``scores_TE`` plus this rank's node row of the locality bias (unchanged without)."""
+        if self.node_bias is None:
+            return scores_TE
+        return scores_TE + self.node_bias[self._bias_row].float()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint from before moe.locality_node_bias: the bias starts at 0.
+        if self.node_bias is not None and prefix + "node_bias" not in state_dict:
+            state_dict[prefix + "node_bias"] = torch.zeros_like(self.node_bias)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def __call__(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None
                  ) -> RoutingResult:
@@ -153,6 +189,10 @@ class Router(nn.Module):
     @classmethod
     def validate(cls, cfg: MoEConfig) -> None:
         """UserError if ``cfg`` asks this router for something it cannot do."""
+        if cfg.locality_node_bias is True and not cls.supports_node_bias:
+            raise UserError(
+                f"moe.locality_node_bias=true is not supported by moe.router={cfg.router} "
+                f"(topk and locmoe_plus have it): set it to auto or false.")
         if cfg.pad_to_capacity and not cls.applies_capacity(cfg):
             raise UserError(
                 "moe.pad_to_capacity=true needs a capacity to pad to: moe.router=topk with a "
@@ -211,6 +251,13 @@ class LinearGateRouter(Router):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return F.linear(x_TD.float(), self.weight.float())
+
+
+def node_bias_active(cfg: MoEConfig, num_nodes: int) -> bool:
+    """Whether ``moe.locality_node_bias`` is on for a layer whose experts span ``num_nodes``."""
+    if num_nodes < 2 or cfg.locality_node_bias is False:
+        return False
+    return cfg.locality_node_bias is True or cfg.locality_loss_coeff > 0
 
 
 def topk_map(scores_TE: torch.Tensor, k: int,

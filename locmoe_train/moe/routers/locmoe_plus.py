@@ -15,6 +15,14 @@ B = D / E channels per expert block, C capacity per sequence.
   affinity (per rank: ``C_local = ceil(C * T / seq_len)``), or with
   ``moe.locmoe_plus.ranking: global`` the C best over the TP/sequence-parallel group.
 * Gate value: ``softmax(delta / tau)`` at the kept experts, not renormalised.
+  ``tau: auto`` is ``1 / sqrt(D)``: on isotropic features delta has standard
+  deviation ``1 / sqrt(D)``, so the logits start at unit variance (tau = 1
+  makes the gate about 1/E whatever the routing; docs/locmoe_plus.md, "The
+  gate"). ``learn_tau`` learns ``log tau``, so tau stays positive.
+* Locality node bias (``moe.locality_node_bias``): the rank's node row is
+  added to the logits, and token choice ranks by the logits (the same order as
+  delta without the bias). Expert choice still ranks a candidate by delta: one
+  rank's candidates all carry the same bias for an expert.
 * C comes from the ``CapacityController`` (moe/capacity.py), re-estimated
   every ``moe.capacity.interval`` steps in ``step_end``.
 * Evaluation runs token choice only (ECR is non-causal) unless
@@ -51,10 +59,16 @@ def grap_affinity(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
     return sums_TE / (math.sqrt(block) * norm_T1)
 
 
+def resolved_tau(tau, hidden_size: int) -> float:
+    """``moe.locmoe_plus.tau`` as a number: auto is ``1 / sqrt(hidden_size)``."""
+    return 1.0 / math.sqrt(hidden_size) if tau == "auto" else float(tau)
+
+
 @register_router("locmoe_plus")
 class LocMoEPlusRouter(Router):
     adapts_to_load = True
     aux_terms = AUX_NAMES  # it provides every term's inputs
+    supports_node_bias = True
 
     def __init__(self, cfg, hidden_size, setup: RouterSetup = RouterSetup()):
         if hidden_size % cfg.num_experts:
@@ -64,14 +78,27 @@ class LocMoEPlusRouter(Router):
                 f"{cfg.num_experts}.")
         super().__init__(cfg, hidden_size, setup)
         self.lcfg = cfg.locmoe_plus
-        tau = torch.tensor(float(self.lcfg.tau))
+        tau = torch.tensor(resolved_tau(self.lcfg.tau, hidden_size))
         if self.lcfg.learn_tau:
-            self.tau = nn.Parameter(tau)
-            setattr(self.tau, "sequence_parallel", setup.sequence_parallel)
+            self.log_tau = nn.Parameter(tau.log())
+            setattr(self.log_tau, "sequence_parallel", setup.sequence_parallel)
+            setattr(self.log_tau, "keep_init", True)  # starts at log(tau): model/init.py leaves it
         else:
             self.register_buffer("tau", tau)
         self.controller = CapacityController(cfg.capacity, setup.seq_len, cfg.top_k,
                                              cfg.num_experts, hidden_size, setup.max_steps)
+
+    def temperature(self) -> torch.Tensor:
+        """The gate temperature (0-dim): the ``tau`` buffer, or ``exp(log_tau)`` if learned."""
+        return self.log_tau.exp() if self.lcfg.learn_tau else self.tau
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints from before log tau held a learned tau as the parameter ``tau``.
+        if self.lcfg.learn_tau and prefix + "tau" in state_dict:
+            state_dict[prefix + "log_tau"] = state_dict.pop(prefix + "tau").log()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _capacity_applies(self) -> bool:
         if self.lcfg.mode == "tcr":
@@ -81,10 +108,11 @@ class LocMoEPlusRouter(Router):
     def forward(self, x_TD, token_ids_T=None) -> RoutingResult:
         T = x_TD.shape[0]
         delta_TE = grap_affinity(x_TD, self.num_experts)
-        logits_TE = delta_TE / self.tau
+        logits_TE = self.add_node_bias(delta_TE / self.temperature())
         probs_TE = torch.softmax(logits_TE, dim=-1)
         allowed_TE = self.node_mask(delta_TE)
-        selected_TE, top_TK = topk_map(delta_TE.detach(), self.top_k, allowed_TE)
+        rank_TE = delta_TE if self.node_bias is None else logits_TE
+        selected_TE, top_TK = topk_map(rank_TE.detach(), self.top_k, allowed_TE)
         kept_TE, capacity, requested = selected_TE, None, T * self.top_k
         if self._capacity_applies():
             capacity = self.controller.local_capacity(T)
@@ -161,8 +189,10 @@ class LocMoEPlusRouter(Router):
                 f"moe.capacity_factor={cfg.capacity_factor} does not apply to "
                 f"moe.router=locmoe_plus, whose capacity starts at moe.capacity.factor0 and is "
                 f"managed by moe.capacity.policy: remove moe.capacity_factor.")
-        if cfg.locmoe_plus.tau <= 0:
-            raise UserError(f"moe.locmoe_plus.tau={cfg.locmoe_plus.tau} must be > 0.")
+        tau = cfg.locmoe_plus.tau
+        if tau != "auto" and tau <= 0:
+            raise UserError(f"moe.locmoe_plus.tau={tau} must be > 0, or auto "
+                            f"(1 / sqrt(model.hidden_size)).")
 
     @classmethod
     def applies_capacity(cls, cfg) -> bool:

@@ -24,10 +24,15 @@ class TopKRouter(LinearGateRouter):
     the token's top nodes (ranked by probability); the gates are still the
     softmax over all experts at the chosen ones (renormalised only with
     ``renormalize``), and the balance loss sees the unmasked probabilities.
+
+    With the locality node bias (``moe.locality_node_bias``) the rank's node row
+    is added to the logits before the softmax.
     """
 
+    supports_node_bias = True
+
     def forward(self, x_TD, token_ids_T=None) -> RoutingResult:
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.add_node_bias(self.logits(x_TD))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         selected_TE, _ = topk_map(probs_TE, self.top_k, self.node_mask(probs_TE))
         gates_TE = probs_TE * selected_TE

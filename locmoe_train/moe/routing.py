@@ -82,6 +82,20 @@ def drop_over_capacity(routing_map_TE: torch.Tensor, priority_TE: torch.Tensor, 
     return routing_map_TE & keep_TE
 
 
+def drop_over_capacity_per_expert(routing_map_TE: torch.Tensor, priority_TE: torch.Tensor,
+                                  capacity_E: torch.Tensor) -> torch.Tensor:
+    """``drop_over_capacity`` (policy ``probs``) with expert e keeping at most
+    ``capacity_E[e]`` tokens (int64 [E]); equal capacities give exactly its result."""
+    num_tokens = routing_map_TE.shape[0]
+    masked = priority_TE.float().masked_fill(~routing_map_TE, float("-inf"))
+    order_TE = torch.sort(masked, dim=0, descending=True, stable=True).indices
+    slot_T1 = torch.arange(num_tokens, device=routing_map_TE.device)[:, None]
+    keep_TE = torch.zeros_like(routing_map_TE)
+    keep_TE.scatter_(0, order_TE, (slot_T1 < capacity_E.to(slot_T1.device)[None, :])
+                     .expand_as(routing_map_TE))
+    return routing_map_TE & keep_TE
+
+
 # ---- node-limited routing ---------------------------------------------------------
 # Legend: N nodes that hold experts of this layer, M = moe.max_nodes_per_token.
 

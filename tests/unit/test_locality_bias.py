@@ -125,3 +125,69 @@ def test_hf_export_warns_that_the_node_bias_is_left_out():
                for w in plan_export(cfg).warnings)
     cfg.moe.locality_node_bias = False
     assert not any("locality_node_bias" in w for w in plan_export(cfg).warnings)
+
+
+# ---- locality-aware capacity (LocMoE+ expert choice with the node bias) -----------------
+
+
+def test_per_expert_capacity_keeps_each_experts_best_and_equals_the_uniform_cut():
+    from locmoe_train.moe.routing import drop_over_capacity, drop_over_capacity_per_expert
+
+    g = torch.Generator().manual_seed(1)
+    map_TE = torch.rand(40, 6, generator=g) < 0.5
+    prio_TE = torch.randn(40, 6, generator=g)
+    for c in (1, 3, 7, 40):
+        assert torch.equal(drop_over_capacity_per_expert(map_TE, prio_TE, torch.full((6,), c)),
+                           drop_over_capacity(map_TE, prio_TE, c, "probs"))
+    caps = torch.tensor([0, 1, 2, 5, 9, 40])
+    kept = drop_over_capacity_per_expert(map_TE, prio_TE, caps)
+    for e in range(6):  # brute force: the cap[e] highest priorities among e's candidates
+        cand = [t for t in range(40) if map_TE[t, e]]
+        best = sorted(cand, key=lambda t: -float(prio_TE[t, e]))[:int(caps[e])]
+        assert sorted(torch.nonzero(kept[:, e]).flatten().tolist()) == sorted(best)
+
+
+def _ecr_router(node=0):
+    cfg = MoEConfig(router="locmoe_plus", num_experts=8, top_k=1, locality_loss_coeff=0.01)
+    cfg.capacity.factor0 = 1.0
+    cfg.capacity.policy = "fixed"
+    r = router_class("locmoe_plus")(cfg, 16, RouterSetup(
+        expert_node_E=NODES, local_experts_E=NODES == node, seq_len=64, max_steps=100))
+    return r.train()
+
+
+def test_capacity_follows_the_measured_same_node_share():
+    router = _ecr_router(node=0)
+    x = _x(T=256)
+    assert router.locality_share == 0.5  # 4 of 8 experts local: uniform caps
+    cfg = MoEConfig(router="locmoe_plus", num_experts=8, top_k=1)  # no locality: no bias
+    cfg.capacity.factor0, cfg.capacity.policy = 1.0, "fixed"
+    same = router_class("locmoe_plus")(cfg, 16, RouterSetup(
+        expert_node_E=NODES, local_experts_E=NODES == 0, seq_len=64, max_steps=100)).train()
+    a, b = router(x), same(x)
+    assert a.capacity == b.capacity == 32  # C0 = 8 per 64-token sequence, 256 tokens
+    assert torch.equal(a.routing_map_TE, b.routing_map_TE)
+    # Pull routing to node 0: the share measured over 10 steps raises the local caps.
+    router = _ecr_router(node=0)
+    with torch.no_grad():
+        router.node_bias[0, :4] = 2.0
+    for step in range(1, 11):
+        out = router(x)
+        router.step_end(torch.zeros(8), step=step)
+    share = float(out.selected_TE[:, :4].sum() / out.selected_TE.sum())
+    assert share > 0.8 and router.locality_share == pytest.approx(share)
+    out = router(x)
+    w_local, w_remote = share / 0.5, (1 - share) / 0.5
+    caps = [min(256, -(-32 * w * 10**9 // 10**9)) for w in (w_local, w_remote)]
+    kept_E = out.routing_map_TE.sum(0)
+    assert out.capacity == max(caps)
+    assert (kept_E[:4] <= caps[0]).all() and (kept_E[4:] <= caps[1]).all()
+    assert int(kept_E[:4].max()) > 32  # more than a uniform cap would have let through
+    assert router.gauges()["locality_share"] == pytest.approx(share)
+    # Resume: the share and this rank's pending demand come back.
+    router(x)
+    state = router.checkpoint_state()
+    fresh = _ecr_router(node=0)
+    fresh.load_checkpoint_state(state)
+    assert fresh.locality_share == router.locality_share
+    assert torch.equal(fresh._demand, router._demand)

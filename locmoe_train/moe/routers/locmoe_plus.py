@@ -23,6 +23,17 @@ B = D / E channels per expert block, C capacity per sequence.
   added to the logits, and token choice ranks by the logits (the same order as
   delta without the bias). Expert choice still ranks a candidate by delta: one
   rank's candidates all carry the same bias for an expert.
+* Locality-aware capacity (with the node bias, ``ranking: local``): expert
+  choice caps each expert per source rank. When routing prefers the rank's
+  own node, its local experts get more than ``1/E`` of its tokens and a
+  uniform per-rank cap would drop them while the remote experts' slots for
+  this rank go unused. So the rank's cap of an expert is scaled by the
+  measured demand: ``ceil(C_local * w_e)``, with ``w_e = sigma / (L/E)`` on
+  the L experts of the rank's node and ``(1 - sigma) / (1 - L/E)`` elsewhere.
+  ``sigma`` is the same-node share of the token choices, all-reduced over
+  every rank every ``LOCALITY_INTERVAL`` steps (C shapes are static between
+  updates). With every node holding ``E/N`` experts, an expert's caps summed
+  over all source ranks stay ``C_local * world``, as with uniform caps.
 * C comes from the ``CapacityController`` (moe/capacity.py), re-estimated
   every ``moe.capacity.interval`` steps in ``step_end``.
 * Evaluation runs token choice only (ECR is non-causal) unless
@@ -46,7 +57,11 @@ from locmoe_train.moe.aux import AUX_NAMES
 from locmoe_train.moe.capacity import CapacityController
 from locmoe_train.moe.routers import register_router
 from locmoe_train.moe.routers.base import HFExport, Router, RouterSetup, topk_map
-from locmoe_train.moe.routing import RoutingResult, drop_over_capacity
+from locmoe_train.moe.routing import (RoutingResult, drop_over_capacity,
+                                     drop_over_capacity_per_expert)
+
+# Steps between updates of the same-node share that scales the per-rank capacities.
+LOCALITY_INTERVAL = 10
 
 
 def grap_affinity(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -87,6 +102,16 @@ class LocMoEPlusRouter(Router):
             self.register_buffer("tau", tau)
         self.controller = CapacityController(cfg.capacity, setup.seq_len, cfg.top_k,
                                              cfg.num_experts, hidden_size, setup.max_steps)
+        # Locality-aware capacity: this rank's node's experts and the measured share.
+        local_E = None
+        if self.node_bias is not None and setup.local_experts_E is not None:
+            local_E = setup.local_experts_E.bool()
+            if not 0 < int(local_E.sum()) < self.num_experts:
+                local_E = None
+        self.register_buffer("_local_E", local_E, persistent=False)
+        self.locality_share = (None if self._local_E is None
+                               else float(self._local_E.sum()) / self.num_experts)
+        self._demand = None  # [local, all] token choices since the last update
 
     def temperature(self) -> torch.Tensor:
         """The gate temperature (0-dim): the ``tau`` buffer, or ``exp(log_tau)`` if learned."""
@@ -116,6 +141,7 @@ class LocMoEPlusRouter(Router):
         kept_TE, capacity, requested = selected_TE, None, T * self.top_k
         if self._capacity_applies():
             capacity = self.controller.local_capacity(T)
+            capacity_E = self._capacity_per_expert(capacity, T)
             if self.lcfg.mode == "ecr":
                 candidates_TE = (torch.ones_like(selected_TE) if allowed_TE is None
                                  else allowed_TE)
@@ -124,7 +150,11 @@ class LocMoEPlusRouter(Router):
                 requested = min(capacity, T) * self.num_experts
             else:
                 candidates_TE = selected_TE
-            kept_TE = self._expert_choice(candidates_TE, delta_TE, capacity)
+            if capacity_E is not None:
+                kept_TE = drop_over_capacity_per_expert(candidates_TE, delta_TE, capacity_E)
+                capacity = min(T, int(capacity_E.max()))  # what a padded layout must hold
+            else:
+                kept_TE = self._expert_choice(candidates_TE, delta_TE, capacity)
             if self.cfg.pad_to_capacity:
                 # The padded dispatcher gives every expert exactly `capacity` rows on
                 # this rank. Ranked over the SP group, an expert may take up to the
@@ -135,9 +165,35 @@ class LocMoEPlusRouter(Router):
                 kept_TE = drop_over_capacity(kept_TE, delta_TE, capacity, "probs")
         if self.training:
             self.controller.observe(delta_TE.detach(), top_TK)
+            if self._local_E is not None:
+                demand = torch.stack([(selected_TE & self._local_E).sum(),
+                                      selected_TE.sum()]).double()
+                self._demand = demand if self._demand is None else self._demand + demand
         return RoutingResult(kept_TE, probs_TE * kept_TE, delta_TE, requested_slots=requested,
                              capacity=capacity, probs_TE=probs_TE, selected_TE=selected_TE,
                              logits_TE=logits_TE)
+
+    def _capacity_per_expert(self, capacity: int, T: int) -> torch.Tensor | None:
+        """Per-expert caps for this rank under locality-aware capacity, else None."""
+        if self._local_E is None or (self.lcfg.ranking == "global" and self.sp_size > 1):
+            return None
+        frac = float(self._local_E.sum()) / self.num_experts
+        w_local = self.locality_share / frac
+        w_remote = (1.0 - self.locality_share) / (1.0 - frac)
+        caps = [max(1, min(T, math.ceil(round(capacity * (w_local if local else w_remote), 9))))
+                for local in self._local_E.tolist()]
+        return torch.tensor(caps, dtype=torch.int64, device=self._local_E.device)
+
+    def _update_locality_share(self, step: int) -> None:
+        if self._local_E is None or step % LOCALITY_INTERVAL:
+            return
+        demand = (self._demand if self._demand is not None
+                  else torch.zeros(2, dtype=torch.float64, device=self._local_E.device))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(demand)
+        if float(demand[1]) > 0:
+            self.locality_share = float(demand[0] / demand[1])
+        self._demand = None
 
     def _expert_choice(self, candidates_TE, delta_TE, capacity: int) -> torch.Tensor:
         """Keep each expert's best ``capacity`` candidates by affinity (this rank, or the SP group)."""
@@ -160,6 +216,7 @@ class LocMoEPlusRouter(Router):
             return []
         if loss is not None:
             self.controller.record_loss(step, loss)
+        self._update_locality_share(step)
         event = self.controller.step_end(step)
         # Token choice alone applies no capacity: the controller still measures
         # (q, target, C_min are diagnostics) but its C is not in effect.
@@ -171,14 +228,28 @@ class LocMoEPlusRouter(Router):
         gauges = self.controller.gauges()
         if self.lcfg.mode == "tcr":
             del gauges["capacity"]
+        if self.locality_share is not None:
+            gauges["locality_share"] = self.locality_share
         return gauges
 
     def checkpoint_state(self) -> dict:
-        return {"controller": self.controller.state_dict()}
+        state = {"controller": self.controller.state_dict()}
+        if self.locality_share is not None:
+            # The share is identical on every rank; the demand since the last update is
+            # this rank's own.
+            state["locality_share"] = self.locality_share
+            state["locality_demand"] = (None if self._demand is None
+                                        else [float(v) for v in self._demand.tolist()])
+        return state
 
     def load_checkpoint_state(self, state: dict) -> None:
         if "controller" in state:
             self.controller.load_state_dict(state["controller"])
+        if self.locality_share is not None and "locality_share" in state:
+            self.locality_share = float(state["locality_share"])
+            demand = state.get("locality_demand")
+            self._demand = (None if demand is None else
+                            torch.tensor(demand, dtype=torch.float64, device=self._local_E.device))
 
     # ---- class-level answers -------------------------------------------------------
     @classmethod

@@ -7,7 +7,8 @@
 Per run (Markdown on stdout): final val loss (token-choice evaluation) and its change
 against the baseline; tokens processed per expert per step over the whole run and
 its ratio to the baseline (the capacity frontier's x axis); dropped fraction, same-node
-share and cross-node MB per step, each averaged over all records; the capacity C per
+share and cross-node MB per step, each averaged over all records (the last record's
+same-node share and cross-node MB as well); the capacity C per
 layer at the end and the number of capacity changes. Then the issue-14 checks:
 tokens per expert and val loss of every LocMoE+ run against the baseline, the
 fixed-capacity frontier at each LocMoE+ run's tokens per expert (linear between the
@@ -58,6 +59,8 @@ def summarize(run_dir: str) -> dict:
         "dropped": _window_mean(run.train, "dropped_fraction"),
         "same_node": _window_mean(run.train, "same_node_share"),
         "cross_node_MB": (_window_mean(run.train, "bytes_cross_node", per_layer=False) or 0) / 1e6,
+        "same_node_end": _window_mean(run.train[-1:], "same_node_share"),
+        "cross_node_MB_end": (last.get("bytes_cross_node") or 0) / 1e6,
         "capacity_end": [c for c in caps if c is not None],
         "capacity_changes": changes,
         "wall_s": run.summary.get("wall_time_s"),
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
     by = {r["name"]: r for r in rows}
     base = by.get(args.baseline)
     print("| run | steps | val loss | vs baseline | tokens/expert/step | vs baseline | dropped "
-          "| same node | cross-node MB/step | C at the end (per layer) | C changes |")
+          "| same node (mean / end) | cross-node MB/step (mean / end) | C at the end (per layer) "
+          "| C changes |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
         dv = (f"{100 * (r['val_loss'] / base['val_loss'] - 1):+.2f}%"
@@ -98,7 +102,8 @@ def main(argv=None) -> int:
         caps = "/".join(f"{c:g}" for c in r["capacity_end"]) or "-"
         print(f"| {r['name']} | {r['steps']} | {r['val_loss']:.4f} | {dv} | "
               f"{r['tokens_per_expert']:.1f} | {dt} | {r['dropped']:.3f} | "
-              f"{r['same_node']:.3f} | {r['cross_node_MB']:.2f} | {caps} | "
+              f"{r['same_node']:.3f} / {r['same_node_end']:.3f} | "
+              f"{r['cross_node_MB']:.2f} / {r['cross_node_MB_end']:.2f} | {caps} | "
               f"{r['capacity_changes']} |")
     print()
     for r in rows:
@@ -111,9 +116,11 @@ def main(argv=None) -> int:
         print(f"- {r['name']}: tokens/expert {r['tokens_per_expert']:.1f}; {where}")
     off, on = by.get(args.no_locality), by.get(args.locality)
     if off and on:
-        print(f"- locality: same-node share {off['same_node']:.3f} -> {on['same_node']:.3f}; "
+        print(f"- locality: same-node share {off['same_node']:.3f} -> {on['same_node']:.3f} "
+              f"(at the end {off['same_node_end']:.3f} -> {on['same_node_end']:.3f}); "
               f"cross-node MB/step {off['cross_node_MB']:.2f} -> {on['cross_node_MB']:.2f} "
-              f"({100 * (on['cross_node_MB'] / off['cross_node_MB'] - 1):+.1f}%); val loss "
+              f"({100 * (on['cross_node_MB'] / off['cross_node_MB'] - 1):+.1f}%; at the end "
+              f"{100 * (on['cross_node_MB_end'] / off['cross_node_MB_end'] - 1):+.1f}%); val loss "
               f"{off['val_loss']:.4f} -> {on['val_loss']:.4f} "
               f"({100 * (on['val_loss'] / off['val_loss'] - 1):+.2f}%)")
     if args.json:

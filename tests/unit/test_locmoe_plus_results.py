@@ -49,8 +49,9 @@ def test_table_frontier_and_locality_checks(tmp_path, capsys):
     assert "| locmoe_plus | 20 | 4.0500 | +1.25% | 150.0 | 0.750 |" in out
     # The fixed line at 150 tokens/expert: halfway between 4.2 and 4.0.
     assert "- locmoe_plus: tokens/expert 150.0; frontier 4.1000 there: on or below (-0.0500)" in out
-    assert ("- locality: same-node share 0.500 -> 0.800; cross-node MB/step 4.00 -> 1.60 "
-            "(-60.0%); val loss 4.0500 -> 4.0800 (+0.74%)") in out
+    assert ("- locality: same-node share 0.500 -> 0.800 (at the end 0.500 -> 0.800); "
+            "cross-node MB/step 4.00 -> 1.60 (-60.0%; at the end -60.0%); "
+            "val loss 4.0500 -> 4.0800 (+0.74%)") in out
     rows = {r["name"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert rows["locmoe_plus"]["kind"] == "adaptive" and rows["locmoe_plus"]["capacity_end"] == [18, 18]
     assert mod.frontier_at(list(rows.values()), 1, 2500) is None  # beyond the fixed runs

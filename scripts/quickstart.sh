@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up, prepare the embedded corpus (the Python standard library's source)
-# and pre-train the quickstart GPT-MoE with 2 CPU ranks (expert parallel 2).
+# and pre-train the quickstart GPT-MoE (LocMoE+ routing) with 2 CPU ranks (expert parallel 2).
 #   bash scripts/quickstart.sh [--section.key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,7 +22,7 @@ STAGE = ["--adak.warm_start_steps=2", "--adak.log_interval=1", "--adak.eval_inte
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("pre")
-    r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
+    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
                  "--train.max_steps=6", f"--logging.run_dir={root}/run",
                  f"--checkpoint.dir={root}/ckpt"])
     assert r.returncode == 0, r.stderr[-3000:]

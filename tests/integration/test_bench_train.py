@@ -12,7 +12,7 @@ from helpers import REPO
 def test_bench_train_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "scripts/bench_train.py", "--config",
-                        "configs/quickstart.yaml", "--model.vocab_size=512",
+                        "configs/quickstart_topk.yaml", "--model.vocab_size=512",
                         "--model.num_layers=2", "--data.seq_len=64",
                         "--train.global_batch_size=4", "--train.micro_batch_size=2",
                         "--steps", "2", "--warmup", "1", "--out", str(out)],
@@ -43,7 +43,7 @@ def test_bench_train_cpu_smoke(tmp_path):
 def test_bench_train_routing_variants(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "scripts/bench_train.py", "--config",
-                        "configs/quickstart.yaml", "--model.vocab_size=512",
+                        "configs/quickstart_topk.yaml", "--model.vocab_size=512",
                         "--model.num_layers=1", "--data.seq_len=32",
                         "--train.global_batch_size=2", "--train.micro_batch_size=2",
                         "--steps", "1", "--warmup", "1", "--profile-steps", "0",

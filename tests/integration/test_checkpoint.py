@@ -14,7 +14,7 @@ import torch
 import hooks
 from helpers import REPO, read_metrics, run_cli
 
-TINY = ["--config", "configs/quickstart.yaml", "--model.num_layers=2", "--model.hidden_size=64",
+TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2", "--model.hidden_size=64",
         "--model.num_attention_heads=4", "--moe.num_experts=4", "--moe.top_k=2",
         "--data.seq_len=32", "--train.global_batch_size=8", "--train.micro_batch_size=2",
         "--train.max_steps=6", "--train.eval_interval=0", "--train.eval_samples=8",

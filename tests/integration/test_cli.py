@@ -16,7 +16,7 @@ TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention
 
 def test_training_loss_falls(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
+    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
                  "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
                  f"--logging.run_dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -46,6 +46,28 @@ def test_training_loss_falls(tmp_path, tiny_data):
     assert "vocab_size: 512" in (run_dir / "config.yaml").read_text()
 
 
+def test_the_quickstart_config_trains_with_locmoe_plus(tmp_path, tiny_data):
+    """configs/quickstart.yaml itself (LocMoE+, top-2, TCR then ECR), shrunk: the loss
+    falls, expert choice caps every expert at its capacity, evaluation routes by token
+    choice."""
+    run_dir = tmp_path / "run"
+    r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
+                 "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
+                 f"--logging.run_dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = read_metrics(str(run_dir))
+    train = [x for x in records if "loss" in x]
+    val = [x for x in records if "val_loss" in x]
+    assert train[0]["loss"] > 6.0 and train[-1]["loss"] < train[0]["loss"] - 1.0
+    assert val[1]["val_loss"] < val[0]["val_loss"]
+    # C0 = ceil(1.1 * 64 * 2 / 4) = 36 per 64-token sequence; 8 sequences per step.
+    layer = train[-1]["moe"]["layer_0"]
+    assert layer["capacity"] == 36 and "q" in layer
+    steps = train[-1]["step"] - train[-2]["step"]
+    assert max(layer["tokens_per_expert"]) <= 36 * 8 * steps
+    assert "router locmoe_plus" in r.stdout or "locmoe_plus" in r.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model.hiden_size=64"], "unknown config key 'model.hiden_size'. Did you mean 'hidden_size'?"),
     (["--parallel.ep=3"], "moe.num_experts=8 is not divisible by parallel.ep=3"),
@@ -64,7 +86,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, message
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     before = sorted(os.listdir(run_dir))
     data = [] if any(a.startswith("--data.path") for a in args) else [f"--data.path={tiny_data}"]
-    r = run_cli(["--config", "configs/quickstart.yaml", f"--logging.run_dir={run_dir}",
+    r = run_cli(["--config", "configs/quickstart_topk.yaml", f"--logging.run_dir={run_dir}",
                  "--parallel.ep=1", *data, *args])
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
@@ -81,7 +103,7 @@ def test_missing_config_file_exits_2():
 
 
 def test_check_mode_accepts_valid_layout(tiny_data):
-    r = run_cli(["--config", "configs/quickstart.yaml", f"--data.path={tiny_data}", "--check",
+    r = run_cli(["--config", "configs/quickstart_topk.yaml", f"--data.path={tiny_data}", "--check",
                  "--world-size=2"])
     assert r.returncode == 0, r.stderr
     assert "config OK for world size 2" in r.stdout
@@ -96,7 +118,7 @@ def test_check_mode_accepts_valid_layout(tiny_data):
 ])
 def test_routers_train_end_to_end(tmp_path, tiny_data, router_args):
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
+    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
                  "--parallel.ep=1", "--train.max_steps=15", "--train.eval_interval=0",
                  f"--logging.run_dir={run_dir}", *router_args])
     assert r.returncode == 0, r.stderr[-3000:]

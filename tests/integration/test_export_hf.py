@@ -17,7 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 TOL = 1e-4  # max |logit difference| in fp32; same math, other kernels and summation order
-TINY = ["--config", "configs/quickstart.yaml", "--model.num_layers=2", "--model.hidden_size=64",
+TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2", "--model.hidden_size=64",
         "--model.num_attention_heads=4", "--moe.num_experts=4", "--moe.top_k=2",
         "--data.seq_len=32", "--train.global_batch_size=4", "--train.micro_batch_size=2",
         "--train.max_steps=2", "--train.eval_interval=0", "--train.eval_samples=4",
@@ -159,7 +159,7 @@ def _save_in_process(tmp_path, tiny_data, overrides, tweak=None) -> str:
     from locmoe_train.model.gpt import build_model
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
 
-    cfg = load_config("configs/quickstart.yaml", [
+    cfg = load_config("configs/quickstart_topk.yaml", [
         "model.num_layers=2", "model.hidden_size=64", "moe.num_experts=4", "parallel.ep=1",
         "data.seq_len=32", f"data.path={tiny_data}", "model.vocab_size=512",
         f"checkpoint.dir={tmp_path / 'ckpt'}", *overrides])

@@ -67,7 +67,7 @@ def check_two_node_run(run_dir: str, logs: list[str]) -> None:
 def test_two_nodes_on_one_machine_with_trackers(tmp_path, tiny_data):
     run_dir = str(tmp_path / "run")
     env = launch_env(NNODES=2, NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
-    cmd = ["bash", "launch/multinode.sh", "configs/quickstart.yaml", *TINY,
+    cmd = ["bash", "launch/multinode.sh", "configs/quickstart_topk.yaml", *TINY,
            f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}",
            "--logging.tensorboard=true", "--logging.wandb=true"]
     # NODE_RANK unset: torchrun decides which agent hosts the rendezvous store.
@@ -134,7 +134,7 @@ def test_slurm_script_with_stub_srun(tmp_path, tiny_data):
     log = str(tmp_path / "job.log")
     # sbatch runs the script from a spool directory: start it from elsewhere too.
     (code,) = wait_all([subprocess.Popen(
-        ["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "configs/quickstart.yaml", *TINY,
+        ["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "configs/quickstart_topk.yaml", *TINY,
          f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}"],
         cwd=str(tmp_path), env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
         start_new_session=True)])
@@ -163,7 +163,7 @@ def test_bad_config_through_wrapper_exits_2_once(tmp_path, tiny_data, env, args,
     log = str(tmp_path / "out.log")
     # stderr only: a wrongly started torchrun would be killed by wait_all, not left running.
     proc = subprocess.Popen(
-        ["bash", "launch/multinode.sh", "configs/quickstart.yaml", "--parallel.ep=1",
+        ["bash", "launch/multinode.sh", "configs/quickstart_topk.yaml", "--parallel.ep=1",
          f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}", *args],
         cwd=REPO, env=launch_env(NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), **env),
         stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)

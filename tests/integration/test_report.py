@@ -28,7 +28,7 @@ def runs(tmp_path_factory, tiny_data):
     """Two runs whose directories share a basename: top-2 dropless, and LocMoE+ with a
     capacity schedule (so capacity, events and drops are logged)."""
     root = tmp_path_factory.mktemp("report_runs")
-    plans = {"topk/run": ["--config", "configs/quickstart.yaml", "--moe.top_k=2"],
+    plans = {"topk/run": ["--config", "configs/quickstart_topk.yaml", "--moe.top_k=2"],
              "locmoe/run": ["--config", "configs/ablations/locmoe_plus_linear_decay.yaml",
                             "--moe.capacity.decay_fraction=0.5"]}
     dirs = []

@@ -11,7 +11,7 @@ import psutil
 
 from helpers import REPO, free_port, read_metrics
 
-ARGS = ["--config", "configs/quickstart.yaml", "--model.num_layers=2", "--model.hidden_size=64",
+ARGS = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2", "--model.hidden_size=64",
         "--moe.num_experts=4", "--data.seq_len=32", "--train.global_batch_size=8",
         "--train.micro_batch_size=2", "--train.max_steps=100000", "--train.eval_interval=0",
         "--train.eval_samples=8", "--logging.log_interval=1", "--logging.console=false"]

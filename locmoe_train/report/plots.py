@@ -180,32 +180,33 @@ def _plot_capacity(fig, runs: list[Run]) -> None:
 
 
 def frontier_points(runs: list[Run]) -> list[dict]:
-    """Per run with a final val loss and MoE counts: name, kind (``capacity_kind``), top_k,
-    tokens per expert per step and the final val loss."""
+    """Per run with a final val loss and MoE counts: name, kind (``capacity_kind``), router,
+    top_k, tokens per expert per step and the final val loss."""
     points = []
     for run in runs:
         tpe = tokens_per_expert_per_step(run)
         if tpe is None or not run.evals:
             continue
-        points.append({"name": run.name, "kind": capacity_kind(run),
-                       "top_k": (run.config.get("moe") or {}).get("top_k"),
+        moe = run.config.get("moe") or {}
+        points.append({"name": run.name, "kind": capacity_kind(run), "router": moe.get("router"),
+                       "top_k": moe.get("top_k"),
                        "tokens_per_expert": tpe, "val_loss": run.evals[-1]["val_loss"]})
     return points
 
 
 def _plot_frontier(fig, points: list[dict]) -> None:
     """Final val loss against tokens processed per expert: fixed-capacity runs as a line
-    per top-k (the frontier), the others as labelled points."""
+    per (router, top-k) (the frontier), the others as labelled points."""
     ax = fig.add_subplot()
     fixed: dict = {}
     for p in points:
         if p["kind"] == "fixed":
-            fixed.setdefault(p["top_k"], []).append(p)
-    for (k, group), color in zip(sorted(fixed.items(), key=lambda kv: str(kv[0])),
-                                 _colors(max(1, len(fixed)))):
+            fixed.setdefault((str(p["router"]), str(p["top_k"])), []).append(p)
+    for ((router, k), group), color in zip(sorted(fixed.items()), _colors(max(1, len(fixed)))):
         group.sort(key=lambda p: p["tokens_per_expert"])
         ax.plot([p["tokens_per_expert"] for p in group], [p["val_loss"] for p in group],
-                color=color, marker="o", linewidth=2, label=f"fixed capacity, top-{k}")
+                color=color, marker="o", linewidth=2,
+                label=f"fixed capacity, {router} top-{k}")
         for p in group:
             ax.annotate(p["name"], (p["tokens_per_expert"], p["val_loss"]), fontsize="small",
                         textcoords="offset points", xytext=(4, 4))

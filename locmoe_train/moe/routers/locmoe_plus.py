@@ -109,9 +109,12 @@ class LocMoEPlusRouter(Router):
             if not 0 < int(local_E.sum()) < self.num_experts:
                 local_E = None
         self.register_buffer("_local_E", local_E, persistent=False)
-        self.locality_share = (None if self._local_E is None
-                               else float(self._local_E.sum()) / self.num_experts)
+        # The same mask on the host, so the caps need no device read in forward.
+        self._local_list = None if local_E is None else tuple(local_E.tolist())
+        self.locality_share = (None if local_E is None
+                               else sum(self._local_list) / self.num_experts)
         self._demand = None  # [local, all] token choices since the last update
+        self._caps = (None, None)  # (capacity, T, share, device) -> per-expert caps, cached
 
     def temperature(self) -> torch.Tensor:
         """The gate temperature (0-dim): the ``tau`` buffer, or ``exp(log_tau)`` if learned."""
@@ -175,14 +178,19 @@ class LocMoEPlusRouter(Router):
 
     def _capacity_per_expert(self, capacity: int, T: int) -> torch.Tensor | None:
         """Per-expert caps for this rank under locality-aware capacity, else None."""
-        if self._local_E is None or (self.lcfg.ranking == "global" and self.sp_size > 1):
+        if self._local_list is None or (self.lcfg.ranking == "global" and self.sp_size > 1):
             return None
-        frac = float(self._local_E.sum()) / self.num_experts
-        w_local = self.locality_share / frac
-        w_remote = (1.0 - self.locality_share) / (1.0 - frac)
-        caps = [max(1, min(T, math.ceil(round(capacity * (w_local if local else w_remote), 9))))
-                for local in self._local_E.tolist()]
-        return torch.tensor(caps, dtype=torch.int64, device=self._local_E.device)
+        key = (capacity, T, self.locality_share, self._local_E.device)
+        if self._caps[0] != key:  # new C, batch shape or share: computed on the host
+            frac = sum(self._local_list) / self.num_experts
+            w_local = self.locality_share / frac
+            w_remote = (1.0 - self.locality_share) / (1.0 - frac)
+            caps = [max(1, min(T, math.ceil(round(capacity * (w_local if local else w_remote),
+                                                  9))))
+                    for local in self._local_list]
+            self._caps = (key, torch.tensor(caps, dtype=torch.int64,
+                                            device=self._local_E.device))
+        return self._caps[1]
 
     def _update_locality_share(self, step: int) -> None:
         if self._local_E is None or step % LOCALITY_INTERVAL:

@@ -41,6 +41,7 @@ def plan_export(cfg, requested: str = "auto") -> Plan:
     """Pick the architecture for ``cfg`` (UserError if it cannot be exported) and collect
     what the user must know about the differences from the training run."""
     from locmoe_train.moe.routers import ROUTERS, router_class
+    from locmoe_train.moe.routers.base import node_bias_active
 
     if requested not in ARCHITECTURES:
         raise UserError(f"--architecture {requested!r} is not one of {', '.join(ARCHITECTURES)}.")
@@ -68,7 +69,8 @@ def plan_export(cfg, requested: str = "auto") -> Plan:
             f"moe.max_nodes_per_token={moe.max_nodes_per_token}: node-limited routing depends "
             f"on the training cluster's expert placement; the exported model chooses among "
             f"all experts.")
-    if moe.locality_node_bias is not False and moe.locality_loss_coeff > 0:
+    # Whether a multi-node run of this config trained the bias (the same rule as the router).
+    if router_class(moe.router).supports_node_bias and node_bias_active(moe, num_nodes=2):
         plan.warnings.append(
             "moe.locality_node_bias: training added a learned per-node bias to the routing "
             "scores (if the experts spanned nodes); it depends on the rank's node, so the "

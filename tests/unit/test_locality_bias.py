@@ -125,6 +125,8 @@ def test_hf_export_warns_that_the_node_bias_is_left_out():
                for w in plan_export(cfg).warnings)
     cfg.moe.locality_node_bias = False
     assert not any("locality_node_bias" in w for w in plan_export(cfg).warnings)
+    cfg.moe.locality_node_bias, cfg.moe.locality_loss_coeff = True, 0.0  # on without the loss
+    assert any("locality_node_bias" in w for w in plan_export(cfg).warnings)
 
 
 # ---- locality-aware capacity (LocMoE+ expert choice with the node bias) -----------------

@@ -219,6 +219,13 @@ class WandbSink:
                 self._report(e, f"logging step {record['step']}")
         try:
             run.finish()
+            # finish() returns once the run's exit is acknowledged, but the
+            # wandb service may still hold the tail of the transaction log
+            # (<run>/*.wandb) in its buffers. Tearing the service down waits
+            # for it to close the file, so the run on disk is complete when
+            # close() returns (``wandb sync`` right after, or a job killed
+            # just after training, finds every record).
+            wandb.teardown()
         except Exception as e:  # noqa: BLE001
             self._report(e, "finishing the run")
 

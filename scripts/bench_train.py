@@ -1,7 +1,7 @@
 """Training-step benchmark: our MoE layer vs megatron-core's, same model, same invocation.
 
     python scripts/bench_train.py --config configs/bench/h100_small.yaml --out bench_train.json
-    python scripts/bench_train.py --config configs/quickstart.yaml --model.vocab_size=4096 \\
+    python scripts/bench_train.py --config configs/quickstart_topk.yaml --model.vocab_size=4096 \\
         --steps 3 --warmup 1 --variants ours,megatron          # tiny, on CPU
 
 For each variant in ``--variants`` it builds the model from the config on one
@@ -9,6 +9,10 @@ process (GPU if available), runs ``--warmup`` then ``--steps`` full training
 steps (forward, backward, grad sync, AdamW) on random tokens, timed with CUDA
 events on GPU or ``perf_counter`` on CPU, and reports step time, tokens/s,
 model TFLOP/s, MFU and peak GPU memory. Ratios are against the first variant.
+For our layer it also records what the router did in the timed steps, unforced:
+slots kept per expert and step (``tokens_per_expert``, per layer), the
+max/mean load per layer and the fraction of slots a capacity dropped. The
+JSON holds the environment (GPU, torch, CUDA, megatron-core versions).
 
 FLOPs per token, forward (training = 3x: backward costs twice the forward),
 counting only the experts a token activates and including attention:
@@ -175,6 +179,35 @@ def profile_phases(step_fn, batch, first_step: int, steps: int, cuda: bool) -> d
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def routing_summary(per_step_LE: torch.Tensor, cfg) -> dict:
+    """What the real router did in the timed steps: slots kept per expert and step (this
+    process holds every expert), its max/mean per layer, and the slots a capacity dropped."""
+    requested = cfg.train.global_batch_size * cfg.data.seq_len * cfg.moe.top_k
+    kept_L = per_step_LE.sum(-1)
+    return {"tokens_per_expert": [[round(float(c), 1) for c in row] for row in per_step_LE],
+            "max_over_mean": [round(float(row.max() / row.mean().clamp_min(1e-9)), 3)
+                              for row in per_step_LE],
+            "dropped_fraction": round(float(1.0 - kept_L.mean() / requested), 4)}
+
+
+def environment() -> dict:
+    """The versions a GPU figure depends on."""
+    import platform
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "device": "cpu"}
+    try:
+        import megatron.core
+
+        env["megatron_core"] = megatron.core.__version__
+    except ImportError:
+        env["megatron_core"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["device_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return env
+
+
 def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -> dict:
     from locmoe_train.model.gpt import build_model
     from locmoe_train.moe.impls import build_runtime
@@ -204,8 +237,12 @@ def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
+        routed = None  # [layers, E] slots kept per expert, summed on the device (no sync)
         for i in range(steps):
             metrics = step_fn(batch, warmup + i + 1)
+            if "moe/tokens_per_expert" in metrics:
+                counts = metrics["moe/tokens_per_expert"].detach()
+                routed = counts.clone() if routed is None else routed + counts
         if cuda:
             end.record()
             torch.cuda.synchronize()
@@ -219,6 +256,8 @@ def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -
                   "step_time_s": seconds, "tokens_per_s": tokens / seconds,
                   "loss": float(metrics["loss"]),
                   "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        if routed is not None:
+            result.update(routing_summary(routed.double().cpu() / steps, cfg))
         if profile_steps:
             annotate_phases(model)
             result["phases_ms"] = profile_phases(step_fn, batch, warmup + steps + 1,
@@ -237,8 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--variants", default="ours,megatron",
                     help=f"comma-separated: {', '.join(VARIANTS)} or name:key=v;key=v")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup")
     ap.add_argument("--profile-steps", type=int, default=2,
                     help="steps profiled for the per-phase breakdown (0: none)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -270,6 +309,15 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s']:.0f} | {r['flops_per_token'] / 1e9:.3f} | "
               f"{r['model_tflops']:.2f} | {r['mfu']:.4f} | {mem} | "
               f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+    routed = [r for r in results if "tokens_per_expert" in r]
+    if routed:
+        print("\nrouting in the timed steps (the router as it is, nothing forced)\n"
+              "| variant | max/mean load (worst layer) | dropped slots | layer 0 tokens/expert/step |"
+              "\n|---|---:|---:|---|")
+        for r in routed:
+            print(f"| {r['variant']} | {max(r['max_over_mean']):.2f} | "
+                  f"{r['dropped_fraction']:.1%} | "
+                  f"{' '.join(f'{c:.0f}' for c in r['tokens_per_expert'][0])} |")
     if args.profile_steps:
         phases = list(results[0]["phases_ms"])
         print("\nper-phase ms/step (torch profiler)\n| variant | " + " | ".join(phases)
@@ -279,6 +327,7 @@ def main(argv=None) -> int:
                   + " |")
     with open(args.out, "w") as f:
         json.dump({"config": args.config, "peak_tflops": args.peak_tflops,
+                   "environment": environment(), "warmup": args.warmup, "steps": args.steps,
                    "command": " ".join(["python", "scripts/bench_train.py", *(argv or sys.argv[1:])]),
                    "results": results}, f, indent=2)
     return 0

@@ -6,10 +6,20 @@
   per step (bf16 has an 8-bit mantissa: ~0.4% per rounding, accumulated over
   a few layers and steps).
 * Grouped-GEMM experts in bf16 on GPU match the per-expert fp32 reference to
-  bf16 accuracy, including an expert that receives no tokens.
+  bf16 accuracy, including an expert that receives no tokens (the padded
+  LocMoE+ case is in tests/unit/test_padded_experts.py, with a CPU twin).
+* bf16 training through the CLI on real text with the routers as they are
+  (no forced balance): the loss falls and stays finite; the tokens per
+  expert and the step time of each logged window are written to
+  ``$LOCMOE_GPU_REPORT/gpu_training.json`` when that folder is set
+  (scripts/device_check.sh sets it to its output folder).
 """
 
 from __future__ import annotations
+
+import json
+import math
+import os
 
 import pytest
 import torch
@@ -100,3 +110,55 @@ def test_padded_locmoe_plus_step_has_no_host_sync(megatron_reset):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+REAL_ROUTERS = {
+    "top2_dropless": ["--config", "configs/quickstart_topk.yaml"],
+    "locmoe_plus": ["--config", "configs/quickstart.yaml"],  # top-2, TCR then ECR, capacity
+}
+
+
+def train_real_router(run_dir, data_path: str, name: str, device: str = "cuda",
+                      steps: int = 60) -> list[dict]:
+    """Train a small model through the CLI in bf16 on real text; the logged records."""
+    from helpers import read_metrics, run_cli
+
+    r = run_cli([*REAL_ROUTERS[name], "--model.num_layers=4", "--model.hidden_size=256",
+                 "--model.num_attention_heads=4", "--moe.num_experts=8",
+                 "--data.seq_len=256", "--train.global_batch_size=16",
+                 "--train.micro_batch_size=16", f"--train.max_steps={steps}",
+                 f"--train.eval_interval={steps}", "--train.eval_samples=32",
+                 "--logging.log_interval=10", "--optim.warmup_steps=10",
+                 f"--train.device={device}",
+                 f"--train.precision={'bf16' if device == 'cuda' else 'fp32'}",
+                 "--parallel.ep=1", f"--data.path={data_path}", f"--logging.run_dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [x for x in read_metrics(str(run_dir)) if "loss" in x]
+
+
+@pytest.mark.parametrize("name", list(REAL_ROUTERS))
+def test_bf16_training_with_the_real_router(tmp_path, tiny_data, name):
+    train = train_real_router(tmp_path / name, tiny_data, name)
+    tokens_per_step = 16 * 256
+    previous = 0
+    for x in train:
+        assert math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]), x
+        steps, previous = x["step"] - previous, x["step"]
+        for layer in x["moe"].values():
+            kept = sum(layer["tokens_per_expert"])
+            assert 0 < kept <= 2 * tokens_per_step * steps, layer
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0
+    out = os.environ.get("LOCMOE_GPU_REPORT")
+    if out:  # one file for all routers: the device's output folder takes few files
+        path = os.path.join(out, "gpu_training.json")
+        report = json.load(open(path)) if os.path.exists(path) else {}
+        report[name] = [{"step": x["step"], "loss": x["loss"], "step_time_s": x["step_time_s"],
+                         "tokens_per_s": x["tokens_per_s"],
+                         "moe_imbalance": x["moe_imbalance"],
+                         "dropped_fraction": {k: v["dropped_fraction"]
+                                              for k, v in x["moe"].items()},
+                         "tokens_per_expert": {k: v["tokens_per_expert"]
+                                               for k, v in x["moe"].items()}}
+                        for x in train]
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)

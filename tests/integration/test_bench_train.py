@@ -56,6 +56,18 @@ def test_bench_train_routing_variants(tmp_path):
         ("top2_dropless", "topk"), ("top1_cf1.1", "topk"), ("locmoe_plus", "locmoe_plus"),
         ("x", "topk")]
     assert "phases_ms" not in res[0]
+    # What the router did, unforced: slots kept per expert and step, per layer.
+    tokens = 2 * 32
+    top2, top1 = res[0], res[1]
+    assert len(top2["tokens_per_expert"]) == 1 and len(top2["tokens_per_expert"][0]) == 8
+    assert sum(top2["tokens_per_expert"][0]) == pytest.approx(2 * tokens)
+    assert top2["dropped_fraction"] == 0.0 and top2["max_over_mean"][0] >= 1.0
+    # top-1 at factor 1.1: at most ceil(1.1 * 64 / 8) = 9 slots per expert.
+    assert max(top1["tokens_per_expert"][0]) <= 9
+    assert top1["dropped_fraction"] == pytest.approx(1 - sum(top1["tokens_per_expert"][0]) / tokens,
+                                                     abs=1e-4)
+    env = json.loads(out.read_text())["environment"]
+    assert env["torch"] and env["device"] == "cpu" and env["megatron_core"]
     # top-1 does half the expert FLOPs of top-2, top-3 one and a half times.
     h, f = 128, 384
     per_expert = 3 * 3 * 2 * h * f

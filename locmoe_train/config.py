@@ -36,11 +36,23 @@ from locmoe_train.parallel.config import ParallelConfig
 
 
 @dataclass
+class BlendSource:
+    """One part of ``data.blend``: a prepared directory and its share of the samples."""
+    path: str = ""
+    weight: float = 1.0
+    # Its name in logs (val/<name>/loss, data/<name>/samples); default: the directory's name.
+    name: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     # Directory written by `locmoe-train prepare-data`.
     path: str = "data/stdlib"
     seq_len: int = 128
     shuffle: bool = True
+    # Several prepared directories mixed by weight, [{path: A, weight: 0.3}, {path: B,
+    # weight: 0.7}] (weights are normalised); when set, data.path is not read.
+    blend: Optional[list[BlendSource]] = None
 
 
 @dataclass
@@ -166,6 +178,10 @@ class TrainConfig:
         if self.checkpoint.interval < 0:
             raise UserError(f"checkpoint.interval={self.checkpoint.interval} must be >= 0 "
                             f"(0: save only when the run ends or is stopped).")
+        if self.data.blend is not None:
+            from locmoe_train.data.blend import check_blend_config
+
+            check_blend_config(self.data.blend)
         if t.exit_at_step is not None and t.exit_at_step < 1:
             raise UserError(f"train.exit_at_step={t.exit_at_step} must be >= 1 or null.")
         if self.logging.wandb and not self.logging.wandb_project.strip():
@@ -397,6 +413,9 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return from_dict(hint, value, path)
     elif origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, list):

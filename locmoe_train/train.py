@@ -97,9 +97,12 @@ class Run:
     precision: str  # "fp32" or "bf16"
     dtype: object  # torch.float32 or torch.bfloat16
     model: object
-    loader: object  # StepLoader over the train split
+    loader: object  # StepLoader over the train split (BlendLoader for data.blend)
     eval_batches: list
     n_train: int  # training windows
+    # data.blend: name -> (weight, that part's validation micro-batches); else None.
+    eval_sets: dict | None = None
+    blend: list | None = None  # data.blend's parts (BlendPart)
 
 
 def resolve_precision(cfg, pctx):
@@ -122,14 +125,29 @@ def build_run(cfg, pctx) -> Run:
 
     prec, dtype = resolve_precision(cfg, pctx)
     torch.manual_seed(cfg.train.seed)
+    t = cfg.train
+
+    def evaluation(valid_ds):
+        return eval_micro_batches(valid_ds, t.micro_batch_size, pctx.dp_rank, pctx.dp,
+                                  t.eval_samples)
+
+    if cfg.data.blend:
+        from locmoe_train.data.blend import BlendLoader, open_blend
+
+        parts = open_blend(cfg.data)
+        loader = BlendLoader(parts, t.global_batch_size, t.micro_batch_size, pctx.dp_rank,
+                             pctx.dp, t.seed, shuffle=cfg.data.shuffle)
+        eval_sets = {p.name: (p.weight, evaluation(p.valid)) for p in parts}
+        eval_batches = [b for _, batches in eval_sets.values() for b in batches]
+        model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
+        return Run(prec, dtype, model, loader, eval_batches, sum(len(p.train) for p in parts),
+                   eval_sets, parts)
     train_ds = TokenWindows(os.path.join(cfg.data.path, "train"), cfg.data.seq_len)
     valid_ds = TokenWindows(os.path.join(cfg.data.path, "valid"), cfg.data.seq_len)
-    loader = StepLoader(train_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                        pctx.dp_rank, pctx.dp, cfg.train.seed, shuffle=cfg.data.shuffle)
-    eval_batches = eval_micro_batches(valid_ds, cfg.train.micro_batch_size, pctx.dp_rank,
-                                      pctx.dp, cfg.train.eval_samples)
+    loader = StepLoader(train_ds, t.global_batch_size, t.micro_batch_size,
+                        pctx.dp_rank, pctx.dp, t.seed, shuffle=cfg.data.shuffle)
     model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
-    return Run(prec, dtype, model, loader, eval_batches, len(train_ds))
+    return Run(prec, dtype, model, loader, evaluation(valid_ds), len(train_ds))
 
 
 def _sinks(cfg, resumed: bool, start_step: int):
@@ -150,7 +168,7 @@ def _sinks(cfg, resumed: bool, start_step: int):
 def run(cfg) -> str:
     from locmoe_train.checkpoint import Checkpointer
     from locmoe_train.config import dump_config
-    from locmoe_train.data.prepare import load_meta
+    from locmoe_train.data.blend import data_meta
     from locmoe_train.hooks import load_hooks
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.impls import build_runtime
@@ -160,7 +178,7 @@ def run(cfg) -> str:
     from locmoe_train.train_step import TrainStep
     from locmoe_train.trainer import Cadence, Trainer
 
-    meta = load_meta(cfg.data.path)
+    meta = data_meta(cfg.data)
     check(cfg, launched_world_size(), meta)
     t_start = time.time()
     pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
@@ -170,7 +188,7 @@ def run(cfg) -> str:
         optimizer = build_optimizer(r.model, cfg.optim)
         moe = build_runtime(r.model, cfg, pctx)
         step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
-                            eval_batches=r.eval_batches)
+                            eval_batches=r.eval_batches, eval_sets=r.eval_sets)
         counts = count_parameters(r.model, cfg, pctx)
         hooks = load_hooks(pctx)
         parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe}
@@ -185,11 +203,13 @@ def run(cfg) -> str:
             os.makedirs(cfg.logging.run_dir, exist_ok=True)
             dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
             sink = _sinks(cfg, resume_from is not None, start_step)
-            print(startup_summary(cfg, pctx, counts, meta, r.precision, r.n_train), flush=True)
+            print(startup_summary(cfg, pctx, counts, meta, r.precision, r.n_train, r.blend),
+                  flush=True)
 
         save = (lambda step: ckpt.save(step, parts)) if ckpt else None
         trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
-                          save, parts=[moe], hooks=hooks, console=cfg.logging.console)
+                          save, parts=[moe] + ([r.loader] if r.blend else []), hooks=hooks,
+                          console=cfg.logging.console)
         outcome = trainer.fit()
         if pctx.is_main:
             summary = {"outcome": outcome, "steps": trainer.step,
@@ -207,7 +227,7 @@ def run(cfg) -> str:
         destroy_parallel()
 
 
-def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
+def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None) -> str:
     from locmoe_train.moe.routers import router_class
 
     m, moe = cfg.model, cfg.moe
@@ -221,13 +241,17 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
         f"  params   : {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
         f"per token ({counts['expert'] / 1e6:.2f}M in experts)",
         f"  layout   : {pctx.describe()}, precision {precision}",
-        f"  data     : {cfg.data.path} ({n_train} train windows of {cfg.data.seq_len} tokens), "
+        f"  data     : {'a blend of ' + str(len(blend)) if blend else cfg.data.path} "
+        f"({n_train} train windows of {cfg.data.seq_len} tokens), "
         f"global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x "
         f"dp {pctx.dp} x accum {cfg.train.global_batch_size // (cfg.train.micro_batch_size * pctx.dp)}",
         f"  schedule : {cfg.train.max_steps} steps, lr {cfg.optim.lr} ({cfg.optim.schedule}, "
         f"warmup {cfg.optim.warmup_steps})",
         f"  outputs  : {cfg.logging.run_dir}/ (config.yaml, metrics.jsonl, summary.json)",
     ]
+    for i, p in enumerate(blend or []):  # under the data line
+        lines.insert(6 + i, f"             {p.weight:6.1%} {p.name}: {p.path} ({len(p.train)} train "
+                        f"windows, {p.train.num_tokens} tokens)")
     from locmoe_train.sinks.trackers import tracker_outputs
 
     lines += [f"             {cfg.logging.run_dir}/{out}" for out in tracker_outputs(cfg.logging)]
@@ -255,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                             "and optional --section.key=value overrides.")
         cfg = load_config(args.config, overrides)
         if args.check:
-            from locmoe_train.data.prepare import load_meta
+            from locmoe_train.data.blend import data_meta
 
             world = args.world_size or launched_world_size()
-            check(cfg, world, load_meta(cfg.data.path))
+            check(cfg, world, data_meta(cfg.data))
             print(f"config OK for world size {world}")
             return 0
         return EXIT_CODES.get(run(cfg), 1)

@@ -38,11 +38,14 @@ from locmoe_train.parallel.state import ParallelContext
 
 class TrainStep:
     def __init__(self, model, optimizer, cfg: TrainConfig, pctx: ParallelContext,
-                 dtype: torch.dtype, moe=None, eval_batches: list[torch.Tensor] = ()):
+                 dtype: torch.dtype, moe=None, eval_batches: list[torch.Tensor] = (),
+                 eval_sets: dict | None = None):
         self.model, self.optimizer, self.cfg, self.pctx = model, optimizer, cfg, pctx
         self.dtype = dtype
         self.moe = moe
         self.eval_batches = list(eval_batches)
+        # data.blend: name -> (weight, micro-batches); evaluated part by part.
+        self.eval_sets = eval_sets
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.grad_sync = GradSync(model, pctx)
         seq = cfg.data.seq_len
@@ -113,8 +116,18 @@ class TrainStep:
                 "step_time_s": elapsed / n_steps}
 
     def eval_record(self) -> dict:
-        loss = self._dp_mean(self.evaluate(self.eval_batches))
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if not self.eval_sets:
+            loss = self._dp_mean(self.evaluate(self.eval_batches))
+            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        # A blend: each part's loss, and their mean weighted as the blend trains on them.
+        losses = torch.stack([self.evaluate(batches) for _, batches in self.eval_sets.values()])
+        if self.pctx.dp > 1:
+            dist.all_reduce(losses, group=self.pctx.dp_group)
+            losses = losses / self.pctx.dp
+        by_name = dict(zip(self.eval_sets, losses.tolist()))
+        loss = sum(w * by_name[name] for name, (w, _) in self.eval_sets.items())
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+                "val_by_dataset": {name: {"loss": v} for name, v in by_name.items()}}
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:

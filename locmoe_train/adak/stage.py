@@ -228,7 +228,7 @@ def run(cfg, pctx, base_path: str) -> dict:
 
 def main(argv: list[str]) -> int:
     from locmoe_train.config import load_config, parse_override_args
-    from locmoe_train.data.prepare import load_meta
+    from locmoe_train.data.blend import data_meta
     from locmoe_train.parallel.launch import launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train import EXIT_CODES, check
@@ -250,7 +250,7 @@ def main(argv: list[str]) -> int:
             d.startswith("step_") for d in os.listdir(ckpt_dir)):
         raise UserError(f"adak.out_dir={cfg.adak.out_dir!r} already holds Ada-K checkpoints: "
                         f"continue them with --adak.resume=auto, or pick another --adak.out_dir.")
-    check(cfg, launched_world_size(), load_meta(cfg.data.path))
+    check(cfg, launched_world_size(), data_meta(cfg.data))
     pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
     try:
         summary = run(cfg, pctx, base)

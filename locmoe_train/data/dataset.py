@@ -200,6 +200,11 @@ class StepLoader:
         the global batch size may differ from the run that saved it. A
         different seed would silently change the data order, so it is refused.
         """
+        if isinstance(state, dict) and state.get("blend") is not None:
+            raise UserError(
+                "the checkpoint was trained on a blend (data.blend) but this run reads one "
+                "dataset (data.path); resume with the checkpoint's data.blend, or start a fresh "
+                "run.")
         try:
             consumed, seed = int(state["consumed_samples"]), int(state["seed"])
         except (KeyError, TypeError, ValueError) as exc:

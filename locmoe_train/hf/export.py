@@ -321,7 +321,9 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
     cfg = from_dict(TrainConfig, upgrade_saved(meta["config"]), "")
     plan = plan_export(cfg, architecture)
     vocab_size = cfg.model.vocab_size
-    source = find_tokenizer(tokenizer, cfg.data.path)
+    from locmoe_train.data.blend import data_paths
+
+    source = find_tokenizer(tokenizer, data_paths(cfg.data)[0])  # a blend shares one tokenizer
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     for note in plan.notes:

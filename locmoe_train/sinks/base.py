@@ -39,6 +39,8 @@ class ConsoleSink:
         step = f"step {record['step']:>{len(str(self.max_steps))}}/{self.max_steps}"
         if "val_loss" in record:
             line = f"{step} | val_loss {record['val_loss']:.4f} | val_ppl {_fmt(record['val_ppl'])}"
+            for name, entry in (record.get("val_by_dataset") or {}).items():
+                line += f" | {name} {entry['loss']:.4f}"
         else:
             parts = [step, f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
                      f"grad {_fmt(record['grad_norm'])}",

@@ -67,6 +67,11 @@ def scalars(record: dict) -> dict[str, float]:
         for key, value in entry.items():
             if _is_number(value):
                 out[f"moe/{layer}/{key}"] = value
+    # data.blend: per-dataset validation loss and samples drawn per source.
+    for name, entry in (record.get("val_by_dataset") or {}).items():
+        out[f"val/{name}/loss"] = entry["loss"]
+    for name, count in (record.get("data_samples") or {}).items():
+        out[f"data/{name}/samples"] = count
     return out
 
 

@@ -127,15 +127,15 @@ def preflight(sweep: Sweep, runs: list[Run], force: bool, need_data: bool) -> No
             raise UserError(f"{sweep.path}: run {run.name!r} with nproc={sweep.nproc}: "
                             f"{e}") from None
     if need_data:
-        from locmoe_train.data.prepare import load_meta
+        from locmoe_train.data.blend import data_meta, data_paths
         from locmoe_train.train import check
 
-        metas: dict[str, dict] = {}
+        metas: dict[tuple, dict] = {}
         for run in runs:
-            path = run.cfg.data.path
+            path = tuple(data_paths(run.cfg.data))
             try:
                 if path not in metas:
-                    metas[path] = load_meta(path)
+                    metas[path] = data_meta(run.cfg.data)
                 check(copy.deepcopy(run.cfg), sweep.nproc, metas[path])
             except UserError as e:
                 raise UserError(f"{sweep.path}: run {run.name!r}: {e}") from None

@@ -86,8 +86,10 @@ class MoELayer(nn.Module):
         self.layer_number = layer_number
 
     def _token_ids(self, s: int) -> torch.Tensor | None:
+        if not self.router.needs_token_ids:  # (and no ContextVar read: torch.compile can't)
+            return None
         ids_bs = _TOKEN_IDS.get()
-        if ids_bs is None or not self.router.needs_token_ids:
+        if ids_bs is None:
             return None
         ids_sb = ids_bs.t()
         if self.parallel.sequence_parallel:  # this rank holds sequence rows [r*s, (r+1)*s)

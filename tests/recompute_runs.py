@@ -46,6 +46,7 @@ def train_steps(overrides: list[str], mode: str, steps: int = 3) -> dict:
     from locmoe_train.moe.layer import MoELayer
     from locmoe_train.optim.optimizer import build_optimizer
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
+    from locmoe_train.train import resolve_precision
     from locmoe_train.train_step import TrainStep
 
     cfg = load_config(None, BASE + overrides + [f"train.recompute={mode}"])
@@ -54,10 +55,10 @@ def train_steps(overrides: list[str], mode: str, steps: int = 3) -> dict:
     owns_group = not dist.is_initialized()
     pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
     try:
-        model = build_model(cfg, pctx, cfg.model.vocab_size)
+        _, dtype = resolve_precision(cfg, pctx)
+        model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
         moe = build_runtime(model, cfg, pctx)
-        step_fn = TrainStep(model, build_optimizer(model, cfg.optim), cfg, pctx, torch.float32,
-                            moe=moe)
+        step_fn = TrainStep(model, build_optimizer(model, cfg.optim), cfg, pctx, dtype, moe=moe)
         observed, step_counts = [], []
         for m in model.modules():
             if isinstance(m, MoELayer):

@@ -22,6 +22,9 @@ default generator (torch's ``preserve_rng_state``) and the named states of
 megatron's RNG tracker (attention dropout under ``fork()``) are put back to
 their values at the first forward while a region is recomputed. On CPU the
 tracker keeps its states on the CPU generator (``parallel/compat.py``).
+Context variables are replayed too: the token ids hash routing reads
+(``moe.layer.token_ids_scope``) are out of scope when backward runs, and on
+GPU the backward runs in another thread.
 
 What a recomputed forward must not do again is the caller's business:
 ``MoELayer`` records its statistics and aux loss, LocMoE+ feeds its capacity
@@ -37,6 +40,7 @@ rank.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import torch
@@ -62,15 +66,18 @@ def _snapshot(states: dict) -> dict:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in states.items()}
 
 
-class _RegionRNG:
-    """The two context managers ``checkpoint(context_fn=...)`` takes for one region."""
+class _Region:
+    """The two context managers ``checkpoint(context_fn=...)`` takes for one region: the
+    recompute sees the RNG tracker states and the context variables (e.g. the token ids
+    of ``moe.layer.token_ids_scope``, gone by the time backward runs) of the first forward."""
 
     def __init__(self):
-        self.states = None
+        self.states, self.context = None, None
 
     @contextlib.contextmanager
     def first_forward(self):
         self.states = _snapshot(_tracker().get_states())
+        self.context = contextvars.copy_context()
         yield
 
     @contextlib.contextmanager
@@ -79,16 +86,19 @@ class _RegionRNG:
         tracker = _tracker()
         current = tracker.get_states()
         tracker.set_states(_snapshot(self.states))
+        tokens = [(var, var.set(value)) for var, value in self.context.items()]
         _depth += 1
         try:
             yield
         finally:
             _depth -= 1
+            for var, token in reversed(tokens):
+                var.reset(token)
             tracker.set_states(current)
 
 
 def _contexts():
-    region = _RegionRNG()
+    region = _Region()
     return region.first_forward(), region.recompute()
 
 

@@ -27,6 +27,8 @@ ROUTERS = {
     # The bias update sees each step's tokens per expert.
     "aux_free": ["moe.router=aux_free", "moe.bias_update_rate=0.01"],
     "expert_choice": ["moe.router=expert_choice"],
+    # Reads the token ids, which are out of scope by the time backward recomputes.
+    "hash": ["moe.router=hash", "moe.top_k=1"],
 }
 
 _baselines: dict[str, dict] = {}
@@ -40,7 +42,8 @@ def _baseline(router: str) -> dict:
 
 @pytest.mark.parametrize("router, mode", [
     ("topk", "selective"), ("topk", "full"), ("locmoe_plus", "selective"),
-    ("locmoe_plus", "full"), ("aux_free", "full"), ("expert_choice", "full")])
+    ("locmoe_plus", "full"), ("aux_free", "full"), ("expert_choice", "full"),
+    ("hash", "full")])
 def test_recompute_matches_no_recompute(megatron_reset, router, mode):
     ref = _baseline(router)
     out = train_steps(ROUTERS[router], mode)
@@ -60,7 +63,7 @@ def test_attention_dropout_needs_the_tracker_replay(megatron_reset, monkeypatch)
     differ. (So the comparison above does test the replay.)"""
     from locmoe_train.model import recompute
 
-    monkeypatch.setattr(recompute._RegionRNG, "recompute",
+    monkeypatch.setattr(recompute._Region, "recompute",
                         contextlib.contextmanager(lambda self: (yield)))
     ref = _baseline("topk")
     out = train_steps(ROUTERS["topk"], "selective", steps=1)

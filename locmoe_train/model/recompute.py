@@ -31,7 +31,10 @@ What a recomputed forward must not do again is the caller's business:
 controller and locality demand, and the dispatchers count traffic only when
 ``recomputing()`` is False. The routing itself is a function of the layer
 input and of router state that changes only in ``step_end`` (after the
-backward), so the recompute routes every token as the first forward did.
+backward), so the recompute routes every token as the first forward did
+(a different routing would change the dropless layout's shapes, which
+torch's checkpoint compares and refuses). Ada-K's stage runs the frozen
+model without gradients, where ``checkpointed`` just calls the module.
 Early stopping of the recompute is off: a layer whose recompute holds
 collectives (EP all-to-all, global expert choice) runs to its end on every
 rank.

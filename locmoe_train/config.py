@@ -85,6 +85,9 @@ class TrainingConfig:
     # Stop cleanly (saving a checkpoint when enabled) after this global step,
     # keeping max_steps' schedule: for splitting a run into jobs.
     exit_at_step: Optional[int] = None
+    # Activation recompute (model/recompute.py): selective = core attention and
+    # expert FFN, full = whole transformer layers; trades compute for memory.
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @dataclass
@@ -184,6 +187,11 @@ class TrainConfig:
             check_blend_config(self.data.blend)
         if t.exit_at_step is not None and t.exit_at_step < 1:
             raise UserError(f"train.exit_at_step={t.exit_at_step} must be >= 1 or null.")
+        if t.recompute != "none" and moe.impl != "native":
+            raise UserError(
+                f"train.recompute={t.recompute} needs moe.impl=native: megatron-core's MoELayer "
+                f"would count a recomputed forward's tokens and aux losses twice. Use "
+                f"moe.impl=native or train.recompute=none.")
         if self.logging.wandb and not self.logging.wandb_project.strip():
             raise UserError("logging.wandb_project is empty: give the wandb project name "
                             "(default locmoe-train).")

@@ -240,7 +240,8 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None) -> 
         f"capacity: {router_class(moe.router).describe_capacity(moe)}",
         f"  params   : {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
         f"per token ({counts['expert'] / 1e6:.2f}M in experts)",
-        f"  layout   : {pctx.describe()}, precision {precision}",
+        f"  layout   : {pctx.describe()}, precision {precision}, "
+        f"recompute {cfg.train.recompute}",
         f"  data     : {'a blend of ' + str(len(blend)) if blend else cfg.data.path} "
         f"({n_train} train windows of {cfg.data.seq_len} tokens), "
         f"global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x "

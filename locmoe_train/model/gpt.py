@@ -3,7 +3,8 @@
 Owns: the megatron ``TransformerConfig`` derived from our config, the layer
 spec (RMSNorm, causal self-attention with RoPE, SwiGLU MLP without biases),
 the MoE implementation's MLP spec (``moe/impls.py``, chosen by ``moe.impl``), and
-``build_model``. Parameter initialisation is in ``model/init.py``.
+``build_model``. Parameter initialisation is in ``model/init.py``, activation
+recompute (``train.recompute``) in ``model/recompute.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from locmoe_train.config import TrainConfig
 from locmoe_train.model.attention import SDPAttention
 from locmoe_train.model.init import init_parameters
 from locmoe_train.model.norm import RMSNorm
+from locmoe_train.model.recompute import apply_recompute
 from locmoe_train.moe.impls import impl_class
 from locmoe_train.parallel.state import ParallelContext
 
@@ -137,6 +139,7 @@ def build_model(cfg: TrainConfig, pctx: ParallelContext, vocab_size: int,
         parallel_output=True,
     )
     init_parameters(model, cfg, pctx)
+    apply_recompute(model, cfg.train.recompute)
     return model.to(pctx.device)
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from locmoe_train.errors import UserError
+from locmoe_train.model.recompute import recomputing
 from locmoe_train.moe.routing import RoutingResult
 
 
@@ -98,7 +99,10 @@ class AllToAllDispatcher:
         self.traffic = {"bytes_intra_node": 0, "bytes_cross_node": 0, "messages_cross_node": 0}
 
     def _count(self, splits: list[int], members: list[int], row_bytes: int) -> None:
-        """Account one send: ``splits[j]`` rows to the EP rank ``members[j]``."""
+        """Account one send: ``splits[j]`` rows to the EP rank ``members[j]`` (not again
+        when activation recompute repeats the forward's all-to-all)."""
+        if recomputing():
+            return
         mine = self.node_of_ep[self.me]
         for rows, peer in zip(splits, members):
             if rows == 0 or peer == self.me:

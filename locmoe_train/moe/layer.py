@@ -11,7 +11,9 @@ dispatcher are looked up in their registries by ``moe.router`` and
 
 Per training forward it keeps its weighted aux loss (with grad) for the train
 step (``pop_aux_loss``, summed over layers by the runtime) and accumulates on
-device, without host syncs, the counters of ``moe/runtime.py``.
+device, without host syncs, the counters of ``moe/runtime.py``. A forward
+that activation recompute runs again (``model/recompute.py``) builds the same
+graph but keeps and counts nothing: the first forward did.
 
 Routers that hash token ids get them from ``token_ids_scope``: the train step
 runs the model inside it, and the ids are gone when the scope ends.
@@ -26,6 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from locmoe_train.model.recompute import recomputing
 from locmoe_train.moe.aux import AuxContext, active_terms, compute
 from locmoe_train.moe.config import MoEConfig
 from locmoe_train.moe.dispatcher import dispatcher_class
@@ -115,6 +118,8 @@ class MoELayer(nn.Module):
         for term in self.aux_terms:  # schema order
             weighted = term.weight(self.moe_cfg) * values[term.name]
             aux = weighted if aux is None else aux + weighted
+        if recomputing():  # activation recompute: the first forward counted these tokens
+            return
         self._aux_loss = aux
         self.stats.record(routing, values, self.local_experts)
 

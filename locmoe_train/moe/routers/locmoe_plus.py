@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from locmoe_train.errors import UserError
+from locmoe_train.model.recompute import recomputing
 from locmoe_train.moe.aux import AUX_NAMES
 from locmoe_train.moe.capacity import CapacityController
 from locmoe_train.moe.routers import register_router
@@ -166,7 +167,7 @@ class LocMoEPlusRouter(Router):
                 if self.lcfg.ranking == "global" and self.sp_size > 1:
                     capacity = min(T, self.controller.local_capacity(T * self.sp_size))
                 kept_TE = drop_over_capacity(kept_TE, delta_TE, capacity, "probs")
-        if self.training:
+        if self.training and not recomputing():  # the first forward observed these tokens
             self.controller.observe(delta_TE.detach(), top_TK)
             if self._local_E is not None:
                 demand = torch.stack([(selected_TE & self._local_E).sum(),

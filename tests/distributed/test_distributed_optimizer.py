@@ -29,12 +29,17 @@ class Toy(torch.nn.Module):
         self.mlp.experts.w2 = torch.nn.Parameter(torch.randn(2, 3, 5, generator=g))
 
 
-def _pctx(rank: int) -> ParallelContext:
+def _pctx(rank: int, tp: int = 1) -> ParallelContext:
+    """DP=2 over both ranks; or with ``tp=2`` TP=2 x DP=1, the experts (not TP-sharded,
+    as our layer's) sharded over an expert-DP group of both ranks."""
     world = dist.group.WORLD
+    singles = [dist.new_group([r]) for r in range(2)]  # collective: every rank makes both
+    dp, dp_rank, dp_group = (2, rank, world) if tp == 1 else (1, 0, singles[rank])
     return ParallelContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"),
-                           tp=1, ep=1, etp=1, dp=2, edp=2, tp_rank=0, ep_rank=0, etp_rank=0,
-                           dp_rank=rank, edp_rank=rank, ranks_per_node=2, num_nodes=1,
-                           node_of_rank=[0, 0], dp_group=world, edp_group=world)
+                           tp=tp, ep=1, etp=1, dp=dp, edp=2, tp_rank=rank if tp > 1 else 0,
+                           ep_rank=0, etp_rank=0, dp_rank=dp_rank, edp_rank=rank,
+                           ranks_per_node=2, num_nodes=1, node_of_rank=[0, 0], tp_group=world,
+                           dp_group=dp_group, edp_group=world)
 
 
 def _train(model, optimizer, sync, rank, steps, first=0):
@@ -112,3 +117,31 @@ def test_sharded_adamw_matches_torch_adamw():
         assert float(s["step"]) == float(want["step"]) == 5
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(s[k], want[k], rtol=1e-6, atol=1e-9)
+
+
+def _compare_tp(rank):
+    """TP=2: ``proj`` is a TP shard (its own values per rank), the norm gain is replicated
+    and sequence parallel (its gradient summed over TP): the norm counts it once."""
+    pctx = _pctx(rank, tp=2)
+    runs = {}
+    for name, distributed in (("plain", False), ("sharded", True)):
+        model = Toy()
+        with torch.no_grad():
+            model.proj.add_(rank)  # a different shard on each TP rank
+        model.proj.tensor_model_parallel = True
+        model.norm.sequence_parallel = True
+        opt = build_optimizer(model, OptimConfig(distributed=distributed), pctx)
+        norms = _train(model, opt, build_grad_sync(opt, model, pctx), rank, 3)
+        runs[name] = (norms, _clone(model), state_bytes(opt))
+    return runs
+
+
+def test_sharded_norm_and_update_under_tensor_parallel():
+    for rank, o in enumerate(run_ranks(_compare_tp, 2)):
+        (norms_ref, ref, plain), (norms_sh, sharded, sh_bytes) = o["plain"], o["sharded"]
+        torch.testing.assert_close(norms_sh, norms_ref, rtol=1e-6, atol=0)
+        for name, p in ref.items():
+            torch.testing.assert_close(sharded[name], p, rtol=1e-6, atol=1e-7)
+        # Dense state whole (DP=1): proj 35 + norm 3 (4 padded: none needed at size 1);
+        # the experts' 54 halved over expert-DP.
+        assert sh_bytes == 8 * (35 + 3 + 27) + 3 * 4 and plain == 8 * 92 + 4 * 4

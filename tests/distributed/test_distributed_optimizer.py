@@ -1,4 +1,5 @@
-"""The distributed optimizer on 2 gloo ranks, against torch AdamW with all-reduced gradients.
+"""The distributed optimizer on 2 gloo ranks, against torch AdamW with all-reduced gradients,
+at DP=2 and at TP=2 x DP=1 (where the norm must count a TP-replicated parameter once).
 
 A toy model with odd-sized dense, norm and expert parameters (the flat buffers
 need padding) gets different gradients on each rank. The sharded optimizer

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from locmoe_train.config import TrainConfig, upgrade_saved
 from locmoe_train.errors import UserError
 from locmoe_train.hooks import call as call_hooks
+from locmoe_train.optim.optimizer import load_param_state, param_states
 from locmoe_train.parallel.sharding import ShardInfo, shard_info, take_shard
 from locmoe_train.parallel.state import ParallelContext
 
@@ -184,6 +185,7 @@ class Checkpointer:
         tensors, index = {}, {}
         params = dict(model.named_parameters())
         saved_names = set(model.state_dict().keys())
+        opt_states = param_states(optimizer)  # sharded: gathered onto the saving ranks
         for name, p in list(params.items()) + list(model.named_buffers()):
             if name.endswith("_extra_state") or name not in saved_names:
                 continue
@@ -191,7 +193,7 @@ class Checkpointer:
             if not _owned(info, pctx):
                 continue
             keys = {f"model/{info.canonical}": p.detach()}
-            state = optimizer.state.get(p, {}) if name in params else {}
+            state = opt_states.get(p, {}) if name in params else {}
             for k, v in state.items():
                 keys[f"optim/{info.canonical}/{k}"] = v.detach() if torch.is_tensor(v) else v
             for key, value in keys.items():
@@ -278,7 +280,7 @@ class Checkpointer:
                                 value = take_shard(value, info)
                             opt_state[k] = value.clone().to(p.device if k != "step" else "cpu")
                     if opt_state:
-                        optimizer.state[p] = opt_state
+                        load_param_state(optimizer, p, opt_state)
         trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
         files.clear()
         for name, part in parts.items():

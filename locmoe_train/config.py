@@ -67,6 +67,9 @@ class OptimConfig:
     eps: float = 1e-8
     # Max global gradient norm; 0 disables clipping.
     grad_clip: float = 1.0
+    # ZeRO-1: shard Adam's state over the data-parallel ranks (experts over the
+    # expert-data-parallel ones); optim/distributed.py.
+    distributed: bool = False
 
 
 @dataclass

@@ -172,7 +172,7 @@ def run(cfg) -> str:
     from locmoe_train.hooks import load_hooks
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.impls import build_runtime
-    from locmoe_train.optim.optimizer import build_optimizer
+    from locmoe_train.optim.optimizer import build_optimizer, state_bytes
     from locmoe_train.parallel.launch import launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train_step import TrainStep
@@ -185,7 +185,7 @@ def run(cfg) -> str:
     sink = None
     try:
         r = build_run(cfg, pctx)
-        optimizer = build_optimizer(r.model, cfg.optim)
+        optimizer = build_optimizer(r.model, cfg.optim, pctx)
         moe = build_runtime(r.model, cfg, pctx)
         step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
                             eval_batches=r.eval_batches, eval_sets=r.eval_sets)
@@ -203,8 +203,8 @@ def run(cfg) -> str:
             os.makedirs(cfg.logging.run_dir, exist_ok=True)
             dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
             sink = _sinks(cfg, resume_from is not None, start_step)
-            print(startup_summary(cfg, pctx, counts, meta, r.precision, r.n_train, r.blend),
-                  flush=True)
+            print(startup_summary(cfg, pctx, counts, meta, r.precision, r.n_train,
+                                  blend=r.blend, optim_bytes=state_bytes(optimizer)), flush=True)
 
         save = (lambda step: ckpt.save(step, parts)) if ckpt else None
         trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
@@ -227,11 +227,14 @@ def run(cfg) -> str:
         destroy_parallel()
 
 
-def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None) -> str:
+def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
+                    optim_bytes=None) -> str:
     from locmoe_train.moe.routers import router_class
 
     m, moe = cfg.model, cfg.moe
     moe_layers = len(range(0, m.num_layers, m.moe_every))
+    sharding = (f"distributed (state sharded over dp {pctx.dp}, experts over edp {pctx.edp})"
+                if cfg.optim.distributed else "not sharded")
     lines = [
         "locmoe-train",
         f"  model    : {m.num_layers} layers (MoE in {moe_layers}), hidden {m.hidden_size}, "
@@ -248,6 +251,8 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None) -> 
         f"dp {pctx.dp} x accum {cfg.train.global_batch_size // (cfg.train.micro_batch_size * pctx.dp)}",
         f"  schedule : {cfg.train.max_steps} steps, lr {cfg.optim.lr} ({cfg.optim.schedule}, "
         f"warmup {cfg.optim.warmup_steps})",
+        f"  optim    : AdamW, {sharding}"
+        + ("" if optim_bytes is None else f", state {optim_bytes / 2**20:.2f} MiB per rank"),
         f"  outputs  : {cfg.logging.run_dir}/ (config.yaml, metrics.jsonl, summary.json)",
     ]
     for i, p in enumerate(blend or []):  # under the data line

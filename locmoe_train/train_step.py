@@ -16,7 +16,8 @@ Loss scaling: each micro-batch's loss (mean token loss plus our MoE layers'
 weighted auxiliary losses) is divided by the number of micro-batches;
 megatron's MoE layer adds its auxiliary losses' gradient itself through
 ``MoEAuxLossAutoScaler``, scaled the same way. ``GradSync`` then averages
-over data-parallel ranks. The reported ``loss`` is the LM loss alone.
+over data-parallel ranks (with ``optim.distributed``, reduce-scatters them
+into the optimizer's shards). The reported ``loss`` is the LM loss alone.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from torch.profiler import record_function
 from locmoe_train.config import TrainConfig
 from locmoe_train.model.gpt import causal_mask
 from locmoe_train.moe.layer import token_ids_scope
+from locmoe_train.optim.optimizer import build_grad_sync
 from locmoe_train.optim.schedule import lr_at
-from locmoe_train.parallel.grads import GradSync
 from locmoe_train.parallel.state import ParallelContext
 
 
@@ -47,7 +48,7 @@ class TrainStep:
         # data.blend: name -> (weight, micro-batches); evaluated part by part.
         self.eval_sets = eval_sets
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        self.grad_sync = GradSync(model, pctx)
+        self.grad_sync = build_grad_sync(optimizer, model, pctx)
         seq = cfg.data.seq_len
         self.mask = causal_mask(seq, pctx.device)
         self.position_ids = torch.arange(seq, device=pctx.device)[None]

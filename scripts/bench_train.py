@@ -14,6 +14,16 @@ slots kept per expert and step (``tokens_per_expert``, per layer), the
 max/mean load per layer and the fraction of slots a capacity dropped. The
 JSON holds the environment (GPU, torch, CUDA, megatron-core versions).
 
+It also reports the optimizer state each rank holds (``optimizer_bytes_per_rank``:
+Adam's moments and steps, allocated on the first step; ``optimizer_bytes_held``:
+what the state tensors hold after the timed steps). Under ``torchrun
+--nproc_per_node=N`` the benchmark runs data-parallel (each rank steps its share
+of the batch; rank 0 reports), so ``--optim.distributed=true`` shows the sharded
+optimizer's saving:
+
+    torchrun --nproc_per_node=2 scripts/bench_train.py --config configs/quickstart.yaml \
+        --variants ours:optim.distributed=true --steps 2 --warmup 1 --profile-steps 0
+
 FLOPs per token, forward (training = 3x: backward costs twice the forward),
 counting only the experts a token activates and including attention:
 ``L_attn * (2*h*(h + 2*kv) + 2*h*h + 2*2*s*h)`` (projections, then QK^T and
@@ -208,10 +218,17 @@ def environment() -> dict:
     return env
 
 
+def held_state_bytes(optimizer) -> int:
+    """Bytes in the tensors of an optimizer's state (the sharded one's: its slices)."""
+    state = getattr(optimizer, "inner", optimizer).state
+    return sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
+               if torch.is_tensor(t))
+
+
 def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -> dict:
     from locmoe_train.model.gpt import build_model
     from locmoe_train.moe.impls import build_runtime
-    from locmoe_train.optim.optimizer import build_optimizer
+    from locmoe_train.optim.optimizer import build_optimizer, state_bytes
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train import resolve_precision
     from locmoe_train.train_step import TrainStep
@@ -222,9 +239,10 @@ def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -
         cuda = pctx.device.type == "cuda"
         _, dtype = resolve_precision(cfg, pctx)
         model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
-        step_fn = TrainStep(model, build_optimizer(model, cfg.optim), cfg, pctx, dtype,
+        optimizer = build_optimizer(model, cfg.optim, pctx)
+        step_fn = TrainStep(model, optimizer, cfg, pctx, dtype,
                             moe=build_runtime(model, cfg, pctx))
-        n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+        n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * pctx.dp)
         gen = torch.Generator().manual_seed(0)
         batch = [torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size,
                                                          cfg.data.seq_len + 1), generator=gen)
@@ -255,7 +273,17 @@ def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -
                   "dtype": str(dtype).split(".")[-1],
                   "step_time_s": seconds, "tokens_per_s": tokens / seconds,
                   "loss": float(metrics["loss"]),
-                  "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                  "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                  "dp": pctx.dp, "distributed_optimizer": cfg.optim.distributed,
+                  "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  "parameter_tensors": sum(1 for p in model.parameters() if p.requires_grad)}
+        # Optimizer state per rank: the stated size, and what the state tensors hold now.
+        mine = (state_bytes(optimizer), held_state_bytes(optimizer))
+        ranks = [mine] * pctx.world_size
+        if pctx.world_size > 1:
+            torch.distributed.all_gather_object(ranks, mine)
+        result["optimizer_bytes_per_rank"] = [r[0] for r in ranks]
+        result["optimizer_bytes_held"] = [r[1] for r in ranks]
         if routed is not None:
             result.update(routing_summary(routed.double().cpu() / steps, cfg))
         if profile_steps:
@@ -271,6 +299,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from locmoe_train.config import load_config, parse_override_args
+    from locmoe_train.errors import UserError
+    from locmoe_train.parallel.launch import launched_rank, launched_world_size
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
@@ -285,8 +315,14 @@ def main(argv=None) -> int:
     args, rest = ap.parse_known_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     base_overrides = parse_override_args(rest) + ["parallel.ep=1", "parallel.tp=1"]
+    variants = parse_variants(args.variants)
+    if launched_world_size() > 1 and len(variants) > 1:
+        # Each variant starts and ends its own process group; under torchrun the
+        # rendezvous can be made once only.
+        raise UserError(f"--variants: under torchrun give one variant per invocation, got "
+                        f"{len(variants)} ({args.variants}).")
     results = []
-    for name, overrides in parse_variants(args.variants):
+    for name, overrides in variants:
         cfg = load_config(args.config, base_overrides + overrides)
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = 32000
@@ -298,17 +334,22 @@ def main(argv=None) -> int:
         r["model_tflops"] = flops * r["tokens_per_s"] / 1e12
         r["mfu"] = r["model_tflops"] / args.peak_tflops
         results.append(r)
+    if launched_rank() not in (None, 0):
+        return 0  # under torchrun rank 0 reports
     base = results[0]
     print(f"{args.config}: {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step, "
           f"peak {args.peak_tflops:g} TFLOP/s")
     print("| variant | device | step (ms) | tokens/s | GFLOP/token | TFLOP/s | MFU | peak mem (GB) "
-          f"| speed vs {base['variant']} |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"| speed vs {base['variant']} | optimizer state (MiB/rank) |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         mem = "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
         print(f"| {r['variant']} | {r['device']} {r['dtype']} | {r['step_time_s'] * 1e3:.1f} | "
               f"{r['tokens_per_s']:.0f} | {r['flops_per_token'] / 1e9:.3f} | "
               f"{r['model_tflops']:.2f} | {r['mfu']:.4f} | {mem} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              f"{max(r['optimizer_bytes_per_rank']) / 2**20:.3f} (dp {r['dp']}"
+              f"{', sharded' if r['distributed_optimizer'] else ''}) |")
     routed = [r for r in results if "tokens_per_expert" in r]
     if routed:
         print("\nrouting in the timed steps (the router as it is, nothing forced)\n"

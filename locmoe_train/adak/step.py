@@ -46,6 +46,9 @@ class AdaKStep:
                                            weight_decay=a.weight_decay,
                                            betas=(o.beta1, o.beta2), eps=o.eps)
         self.grad_sync = GradSync(model, pctx)  # only the allocators require grad
+        if o.distributed and pctx.is_main:
+            print("warning: optim.distributed is ignored by the Ada-K stage: its allocators "
+                  "are small and replicated, they train with plain AdamW.", flush=True)
         self.mask = causal_mask(cfg.data.seq_len, pctx.device)
         self.position_ids = torch.arange(cfg.data.seq_len, device=pctx.device)[None]
         self.sp = pctx.tp > 1  # MoE with TP runs sequence parallel: routers see a slice

@@ -4,6 +4,10 @@ No weight decay on 1-D parameters (norm weights; the model has no biases):
 decaying a norm's gain towards zero fights the normalisation. Nor on a
 parameter tagged ``no_weight_decay`` (the routers' locality node bias). Fused AdamW is
 used on CUDA when available (torch >= 2.0), foreach elsewhere.
+
+``optim.distributed: true`` builds the sharded AdamW of ``optim/distributed.py``
+instead. The functions below answer for either kind, so the train step and the
+checkpoints need not know which one they have.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from locmoe_train.config import OptimConfig
+from locmoe_train.optim.distributed import DistributedAdamW, adam_state_bytes
+from locmoe_train.parallel.grads import GradSync
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -23,8 +29,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, pctx=None):
+    """torch AdamW, or with ``cfg.distributed`` the sharded one (needs ``pctx``)."""
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps, fused=True if on_cuda else None)
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                  fused=True if on_cuda else None)
+    if cfg.distributed:
+        assert pctx is not None, "the distributed optimizer needs the parallel context"
+        return DistributedAdamW(model, groups, pctx, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_grad_sync(optimizer, model: torch.nn.Module, pctx) -> GradSync:
+    """The gradient reduction that goes with ``optimizer``."""
+    if isinstance(optimizer, DistributedAdamW):
+        return optimizer.grad_sync(model)
+    return GradSync(model, pctx)
+
+
+def param_states(optimizer) -> dict:
+    """``{param: {"step", "exp_avg", "exp_avg_sq"}}`` for the parameters this rank saves.
+    Collective for the distributed optimizer: every rank calls it."""
+    if isinstance(optimizer, DistributedAdamW):
+        return optimizer.gather_param_states()
+    return optimizer.state
+
+
+def load_param_state(optimizer, param: torch.Tensor, state: dict) -> None:
+    """Give ``param`` its full per-parameter ``state`` (the distributed optimizer keeps
+    this rank's slice)."""
+    if isinstance(optimizer, DistributedAdamW):
+        optimizer.load_param_state(param, state)
+    else:
+        optimizer.state[param] = state
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this rank holds (allocated on the first step)."""
+    if isinstance(optimizer, DistributedAdamW):
+        return optimizer.state_bytes()
+    return adam_state_bytes(optimizer)

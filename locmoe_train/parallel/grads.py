@@ -17,7 +17,9 @@ Owns what happens to ``.grad`` between backward and the optimizer:
   all-reduce over the world.
 
 Gradients are flattened per group into one buffer per dtype before each
-all-reduce (few, large messages), then copied back.
+all-reduce (few, large messages), then copied back. The distributed
+optimizer (``optim/distributed.py``) replaces the data-parallel all-reduce,
+the norm's local sum and the clipping scale with their sharded versions.
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ class GradSync:
         pctx = self.pctx
         if pctx.tp > 1:
             _all_reduce_coalesced([p.grad for p in self.seq_parallel], pctx.tp_group)
+        self.reduce_data_parallel()
+
+    def reduce_data_parallel(self) -> None:
+        """Average gradients over their replicas (the distributed optimizer overrides it)."""
+        pctx = self.pctx
         if pctx.dp > 1:
             _all_reduce_coalesced([p.grad for p in self.dense], pctx.dp_group, 1.0 / pctx.dp)
         if pctx.edp > 1:
@@ -83,12 +90,19 @@ class GradSync:
             for p in self.expert:
                 p.grad.mul_(1.0 / pctx.dp)
 
+    def local_sq_norm(self) -> torch.Tensor:
+        """This rank's share of the squared global norm."""
+        if not self.norm_owned:
+            return torch.zeros((), dtype=torch.float32, device=self.pctx.device)
+        return torch.stack([p.grad.float().pow(2).sum() for p in self.norm_owned]).sum()
+
+    def scale_grads(self, coeff: torch.Tensor) -> None:
+        for _, p in self.params:
+            p.grad.mul_(coeff)
+
     @torch.no_grad()
     def global_norm(self) -> torch.Tensor:
-        dev = self.pctx.device
-        sq = torch.zeros((), dtype=torch.float32, device=dev)
-        if self.norm_owned:
-            sq = torch.stack([p.grad.float().pow(2).sum() for p in self.norm_owned]).sum()
+        sq = self.local_sq_norm()
         if self.pctx.world_size > 1:
             dist.all_reduce(sq)
         return sq.sqrt()
@@ -99,6 +113,5 @@ class GradSync:
         norm = self.global_norm()
         if max_norm > 0:
             coeff = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for _, p in self.params:
-                p.grad.mul_(coeff)
+            self.scale_grads(coeff)
         return norm

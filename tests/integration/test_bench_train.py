@@ -1,12 +1,13 @@
 """The training benchmark runs on CPU (tiny config) for both MoE layers and writes JSON."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, free_port
 
 
 def test_bench_train_cpu_smoke(tmp_path):
@@ -25,6 +26,10 @@ def test_bench_train_cpu_smoke(tmp_path):
         ("ours", "native", "sdpa"), ("megatron", "megatron", "megatron")]
     for x in res:
         assert x["tokens_per_s"] > 0 and x["step_time_s"] > 0
+        # AdamW's two fp32 moments per parameter and a step per tensor, as held after the steps.
+        assert x["dp"] == 1 and not x["distributed_optimizer"]
+        assert x["optimizer_bytes_per_rank"] == x["optimizer_bytes_held"] == [
+            8 * x["parameters"] + 4 * x["parameter_tensors"]]
         assert x["model_tflops"] == pytest.approx(x["flops_per_token"] * x["tokens_per_s"] / 1e12)
         # Every phase was seen by the profiler, in both MoE implementations.
         phases = x["phases_ms"]
@@ -73,3 +78,26 @@ def test_bench_train_routing_variants(tmp_path):
     per_expert = 3 * 3 * 2 * h * f
     assert res[0]["flops_per_token"] - res[1]["flops_per_token"] == per_expert
     assert res[3]["flops_per_token"] - res[0]["flops_per_token"] == per_expert
+
+
+def test_bench_train_sharded_optimizer_halves_state_at_dp2(tmp_path):
+    """Under torchrun at DP=2 with optim.distributed each rank holds half of Adam's state."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                        "scripts/bench_train.py", "--config", "configs/quickstart_topk.yaml",
+                        "--model.vocab_size=512", "--model.num_layers=1", "--data.seq_len=32",
+                        "--train.global_batch_size=4", "--train.micro_batch_size=2",
+                        "--steps", "1", "--warmup", "1", "--profile-steps", "0",
+                        "--variants", "zero:optim.distributed=true", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("| zero | cpu float32 |") == 1  # rank 0 reports
+    (x,) = json.loads(out.read_text())["results"]
+    assert x["dp"] == 2 and x["distributed_optimizer"]
+    per_rank = x["optimizer_bytes_per_rank"]
+    assert per_rank == x["optimizer_bytes_held"] and per_rank[0] == per_rank[1]
+    # Half of the 8 bytes per parameter that DP=1 holds (test above), plus per bucket
+    # (at most 4: dense/expert x decay/no decay) a 4-byte step and a padding element.
+    assert 4 * x["parameters"] < per_rank[0] <= 4 * x["parameters"] + 4 * (4 + 4)

@@ -73,6 +73,11 @@ class TrainingConfig:
     # Stop cleanly (saving a checkpoint when enabled) after this global step,
     # keeping max_steps' schedule: for splitting a run into jobs.
     exit_at_step: Optional[int] = None
+    # A step whose loss or gradient norm is NaN/inf on any rank is skipped (no
+    # update). skip: stop after nonfinite_patience such steps in a row; stop: at the
+    # first. Either way the exit status is 3 and the last checkpoint is kept.
+    nonfinite: Literal["skip", "stop"] = "skip"
+    nonfinite_patience: int = 5
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Parses the config, starts the process groups, builds the parts, runs
 ``Trainer.fit`` and tears down in ``finally``. Exit status: 0 when training
-completed, 2 for bad user input (nothing written), 130/143 when stopped by
-SIGINT/SIGTERM after a clean stop, 1 on a crash.
+completed, 2 for bad user input (nothing written), 3 when the non-finite
+guard stopped the run (``train.nonfinite``; no checkpoint of that state),
+130/143 when stopped by SIGINT/SIGTERM after a clean stop, 1 on a crash.
 
 Subcommands (table SUBCOMMANDS below): ``prepare-data``, ``inspect-checkpoint``,
 ``sweep``, ``report``, ``export-hf``, ``adak``; e.g.
@@ -26,8 +27,10 @@ import warnings
 from dataclasses import dataclass
 
 from locmoe_train.errors import UserError
+from locmoe_train.nonfinite import EXIT_NONFINITE
 
-EXIT_CODES = {"completed": 0, "exit_at_step": 0, "SIGINT": 130, "SIGTERM": 143}
+EXIT_CODES = {"completed": 0, "exit_at_step": 0, "nonfinite": EXIT_NONFINITE,
+              "SIGINT": 130, "SIGTERM": 143}
 
 # ``locmoe-train NAME ...`` -> "module:function" called with the remaining argv;
 # imported only when used, so one subcommand's optional dependencies never
@@ -169,10 +172,10 @@ def run(cfg) -> str:
         r = build_run(cfg, pctx)
         optimizer = build_optimizer(r.model, cfg.optim)
         moe = build_runtime(r.model, cfg, pctx)
-        step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
-                            eval_batches=r.eval_batches)
-        counts = count_parameters(r.model, cfg, pctx)
         hooks = load_hooks(pctx)
+        step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
+                            eval_batches=r.eval_batches, hooks=hooks)
+        counts = count_parameters(r.model, cfg, pctx)
         parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe}
         c = cfg.checkpoint
         ckpt = Checkpointer(cfg, pctx, hooks) if (c.interval or c.dir or c.resume) else None
@@ -189,7 +192,8 @@ def run(cfg) -> str:
 
         save = (lambda step: ckpt.save(step, parts)) if ckpt else None
         trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
-                          save, parts=[moe], hooks=hooks, console=cfg.logging.console)
+                          save, parts=[moe, step_fn.guard], hooks=hooks,
+                          console=cfg.logging.console, guard=step_fn.guard)
         outcome = trainer.fit()
         if pctx.is_main:
             summary = {"outcome": outcome, "steps": trainer.step,
@@ -198,8 +202,19 @@ def run(cfg) -> str:
                        "params": counts, "layout": pctx.describe()}
             with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            print(f"done: {outcome} after {trainer.step} steps in "
-                  f"{summary['wall_time_s']:.1f}s; outputs in {cfg.logging.run_dir}", flush=True)
+            if outcome == "nonfinite":
+                kept = trainer.last_checkpoint or resume_from
+                print(f"error: {step_fn.guard.message(kept)}", file=sys.stderr, flush=True)
+            else:
+                print(f"done: {outcome} after {trainer.step} steps in "
+                      f"{summary['wall_time_s']:.1f}s; outputs in {cfg.logging.run_dir}",
+                      flush=True)
+        if outcome == "nonfinite" and pctx.world_size > 1:
+            # Every rank exits 3; torchrun ends the others when the first one does, so
+            # they wait here until rank 0 has written its summary and error line.
+            import torch.distributed as dist
+
+            dist.barrier()
         return outcome
     finally:
         if sink is not None:
@@ -226,6 +241,9 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
         f"dp {pctx.dp} x accum {cfg.train.global_batch_size // (cfg.train.micro_batch_size * pctx.dp)}",
         f"  schedule : {cfg.train.max_steps} steps, lr {cfg.optim.lr} ({cfg.optim.schedule}, "
         f"warmup {cfg.optim.warmup_steps})",
+        f"  guard    : train.nonfinite={cfg.train.nonfinite} "
+        + ("(stop at the first NaN/inf loss or grad norm)" if cfg.train.nonfinite == "stop" else
+           f"(skip NaN/inf steps, stop after {cfg.train.nonfinite_patience} in a row)"),
         f"  outputs  : {cfg.logging.run_dir}/ (config.yaml, metrics.jsonl, summary.json)",
     ]
     from locmoe_train.sinks.trackers import tracker_outputs

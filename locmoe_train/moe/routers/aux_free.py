@@ -46,9 +46,12 @@ class AuxFreeRouter(LinearGateRouter):
                              selected_TE=selected_TE)
 
     @torch.no_grad()
-    def step_end(self, counts_E, step=None, loss=None) -> list[dict]:
+    def step_end(self, counts_E, step=None, loss=None, ok=None) -> list[dict]:
         error_E = counts_E.float().mean() - counts_E.float()
-        self.expert_bias += self.cfg.bias_update_rate * torch.sign(error_E)
+        delta_E = self.cfg.bias_update_rate * torch.sign(error_E)
+        if ok is not None:  # a skipped step moves no bias (on device: no host sync)
+            delta_E = delta_E * ok
+        self.expert_bias += delta_E
         return []
 
     @classmethod

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from locmoe_train.errors import UserError
 from locmoe_train.moe.routers import register_router
 from locmoe_train.moe.routers.base import HFExport, LinearGateRouter, RouterSetup, topk_map
 from locmoe_train.moe.routing import RoutingResult
@@ -53,12 +52,6 @@ class AuxFreeRouter(LinearGateRouter):
             delta_E = delta_E * ok
         self.expert_bias += delta_E
         return []
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        super().validate(cfg)
-        if cfg.bias_update_rate < 0:
-            raise UserError(f"moe.bias_update_rate={cfg.bias_update_rate} must be >= 0.")
 
     @classmethod
     def hf_export(cls, cfg) -> HFExport:

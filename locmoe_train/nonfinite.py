@@ -12,7 +12,7 @@ so every rank gets the same verdict, and the optimizer skips on device
 only where it reads the device anyway (``Trainer.fit``). What is skipped on a
 bad step, and by whom: the weights and Adam state (here), the aux-free router
 bias and the LocMoE+ capacity controller (``moe/runtime.py`` passes the verdict
-on). Does not own the decision to exit (``train.py``: status ``EXIT_NONFINITE``).
+on). Does not own the decision to exit (``train.py``: status 3, its ``EXIT_CODES``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 
 CAUSES = ("", "loss is NaN", "loss is inf", "grad norm is NaN", "grad norm is inf")
-# Exit status of a run stopped by the guard (0/1/2/130/143 are taken: train.py).
-EXIT_NONFINITE = 3
 
 
 def step_code(norm: torch.Tensor, loss_flags: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,9 @@ import warnings
 from dataclasses import dataclass
 
 from locmoe_train.errors import UserError
-from locmoe_train.nonfinite import EXIT_NONFINITE
 
-EXIT_CODES = {"completed": 0, "exit_at_step": 0, "nonfinite": EXIT_NONFINITE,
-              "SIGINT": 130, "SIGTERM": 143}
+# "nonfinite": the non-finite guard stopped the run (nonfinite.py).
+EXIT_CODES = {"completed": 0, "exit_at_step": 0, "nonfinite": 3, "SIGINT": 130, "SIGTERM": 143}
 
 # ``locmoe-train NAME ...`` -> "module:function" called with the remaining argv;
 # imported only when used, so one subcommand's optional dependencies never
@@ -158,17 +157,20 @@ def run(cfg) -> str:
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.impls import build_runtime
     from locmoe_train.optim.optimizer import build_optimizer
-    from locmoe_train.parallel.launch import launched_world_size
+    from locmoe_train.parallel.launch import launched_rank, launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
+    from locmoe_train.runlock import acquire
     from locmoe_train.train_step import TrainStep
     from locmoe_train.trainer import Cadence, Trainer
 
     meta = load_meta(cfg.data.path)
     check(cfg, launched_world_size(), meta)
+    # One live run per run directory (rank 0 holds the lock for its world).
+    lock = acquire(cfg.logging.run_dir) if launched_rank() in (None, 0) else None
     t_start = time.time()
-    pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
     sink = None
     try:
+        pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
         r = build_run(cfg, pctx)
         optimizer = build_optimizer(r.model, cfg.optim)
         moe = build_runtime(r.model, cfg, pctx)
@@ -220,6 +222,8 @@ def run(cfg) -> str:
         if sink is not None:
             sink.close()
         destroy_parallel()
+        if lock is not None:
+            lock.release()
 
 
 def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
@@ -254,11 +258,13 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_megatron()
-    from locmoe_train.parallel.launch import launched_rank, launched_world_size
+    from locmoe_train.parallel.launch import launched_rank, launched_world_size, several_nodes
+    from locmoe_train.parallel.orphan import die_with_launcher
 
     rank = launched_rank()
     prefix = f"[rank {rank}] " if rank not in (None, 0) else ""
+    die_with_launcher(prefix)  # first: a launcher killed during start-up takes us along
+    _quiet_megatron()
     try:
         if argv and argv[0] in SUBCOMMANDS:
             import importlib
@@ -274,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.check:
             from locmoe_train.data.prepare import load_meta
+            from locmoe_train.runlock import check_free
 
             world = args.world_size or launched_world_size()
             check(cfg, world, load_meta(cfg.data.path))
+            if not several_nodes():
+                # launch/local.sh: refused before torchrun starts. Not per node: a node
+                # joining a live elastic job would find its own job's lock.
+                check_free(cfg.logging.run_dir)
             print(f"config OK for world size {world}")
             return 0
         return EXIT_CODES.get(run(cfg), 1)

@@ -91,6 +91,11 @@ class TrainingConfig:
     # Activation recompute (model/recompute.py): selective = core attention and
     # expert FFN, full = whole transformer layers; trades compute for memory.
     recompute: Literal["none", "selective", "full"] = "none"
+    # A step whose loss or gradient norm is NaN/inf on any rank is skipped (no
+    # update). skip: stop after nonfinite_patience such steps in a row; stop: at the
+    # first. Either way the exit status is 3 and the last checkpoint is kept.
+    nonfinite: Literal["skip", "stop"] = "skip"
+    nonfinite_patience: int = 5
 
 
 @dataclass
@@ -143,7 +148,9 @@ class TrainConfig:
         _positive(self, ["parallel.tp", "parallel.ep",
                          "data.seq_len", "train.max_steps", "train.global_batch_size",
                          "train.micro_batch_size", "logging.log_interval", "checkpoint.keep",
-                         "parallel.timeout_minutes"])
+                         "parallel.timeout_minutes", "train.eval_samples",
+                         "train.nonfinite_patience"])
+        _in_range(self, RANGES)
         groups = m.num_query_groups or m.num_attention_heads
         moe.validate()
         self.adak.validate(moe)
@@ -449,6 +456,27 @@ def _get(cfg: TrainConfig, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+# The valid range of each number in the root's own sections that no other check
+# covers: key -> (test, the message's tail). Components check their own sections.
+RANGES = {
+    "optim.lr": (lambda v: v > 0, "must be > 0."),
+    "optim.weight_decay": (lambda v: v >= 0, "must be >= 0 (0: no weight decay)."),
+    "optim.beta1": (lambda v: 0 <= v < 1, "must lie in [0, 1)."),
+    "optim.beta2": (lambda v: 0 <= v < 1, "must lie in [0, 1)."),
+    "optim.eps": (lambda v: v > 0, "must be > 0."),
+    "optim.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables clipping)."),
+    "train.seed": (lambda v: v >= 0, "must be >= 0."),
+    "train.eval_interval": (lambda v: v >= 0, "must be >= 0 (0: validate only at the end)."),
+}
+
+
+def _in_range(cfg: TrainConfig, ranges: dict) -> None:
+    for key, (ok, must) in ranges.items():
+        v = _get(cfg, key)
+        if not ok(v):  # NaN fails every test
+            raise UserError(f"{key}={v} {must}")
 
 
 def _positive(cfg: TrainConfig, keys: list[str]) -> None:

@@ -4,7 +4,9 @@
 starts; each ``factory(pctx)`` returns an object with any of:
 * ``step_end(step)``: after every optimizer step (``Trainer``);
 * ``after_shards(step)``: in a checkpoint save, after this rank's tensors are
-  written and before the rest (``Checkpointer``).
+  written and before the rest (``Checkpointer``);
+* ``train_loss(step, loss) -> loss``: each training micro-batch's loss, before
+  backward (``TrainStep``; tests poison it to exercise the non-finite guard).
 Nothing is read per step. The test suite installs ``tests/hooks.py`` this
 way to crash a rank at a step or slow a save down.
 """

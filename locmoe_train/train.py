@@ -2,8 +2,9 @@
 
 Parses the config, starts the process groups, builds the parts, runs
 ``Trainer.fit`` and tears down in ``finally``. Exit status: 0 when training
-completed, 2 for bad user input (nothing written), 130/143 when stopped by
-SIGINT/SIGTERM after a clean stop, 1 on a crash.
+completed, 2 for bad user input (nothing written), 3 when the non-finite
+guard stopped the run (``train.nonfinite``; no checkpoint of that state),
+130/143 when stopped by SIGINT/SIGTERM after a clean stop, 1 on a crash.
 
 Subcommands (table SUBCOMMANDS below): ``prepare-data``, ``inspect-checkpoint``,
 ``sweep``, ``report``, ``export-hf``, ``adak``; e.g.
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 from locmoe_train.errors import UserError
 
-EXIT_CODES = {"completed": 0, "exit_at_step": 0, "SIGINT": 130, "SIGTERM": 143}
+# "nonfinite": the non-finite guard stopped the run (nonfinite.py).
+EXIT_CODES = {"completed": 0, "exit_at_step": 0, "nonfinite": 3, "SIGINT": 130, "SIGTERM": 143}
 
 # ``locmoe-train NAME ...`` -> "module:function" called with the remaining argv;
 # imported only when used, so one subcommand's optional dependencies never
@@ -173,24 +175,27 @@ def run(cfg) -> str:
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.impls import build_runtime
     from locmoe_train.optim.optimizer import build_optimizer, state_bytes
-    from locmoe_train.parallel.launch import launched_world_size
+    from locmoe_train.parallel.launch import launched_rank, launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
+    from locmoe_train.runlock import acquire
     from locmoe_train.train_step import TrainStep
     from locmoe_train.trainer import Cadence, Trainer
 
     meta = data_meta(cfg.data)
     check(cfg, launched_world_size(), meta)
+    # One live run per run directory (rank 0 holds the lock for its world).
+    lock = acquire(cfg.logging.run_dir) if launched_rank() in (None, 0) else None
     t_start = time.time()
-    pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
     sink = None
     try:
+        pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
         r = build_run(cfg, pctx)
         optimizer = build_optimizer(r.model, cfg.optim, pctx)
         moe = build_runtime(r.model, cfg, pctx)
-        step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
-                            eval_batches=r.eval_batches, eval_sets=r.eval_sets)
-        counts = count_parameters(r.model, cfg, pctx)
         hooks = load_hooks(pctx)
+        step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
+                            eval_batches=r.eval_batches, eval_sets=r.eval_sets, hooks=hooks)
+        counts = count_parameters(r.model, cfg, pctx)
         parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe}
         c = cfg.checkpoint
         ckpt = Checkpointer(cfg, pctx, hooks) if (c.interval or c.dir or c.resume) else None
@@ -208,8 +213,8 @@ def run(cfg) -> str:
 
         save = (lambda step: ckpt.save(step, parts)) if ckpt else None
         trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
-                          save, parts=[moe] + ([r.loader] if r.blend else []), hooks=hooks,
-                          console=cfg.logging.console)
+                          save, parts=[moe, step_fn.guard] + ([r.loader] if r.blend else []),
+                          hooks=hooks, console=cfg.logging.console, guard=step_fn.guard)
         outcome = trainer.fit()
         if pctx.is_main:
             summary = {"outcome": outcome, "steps": trainer.step,
@@ -218,13 +223,26 @@ def run(cfg) -> str:
                        "params": counts, "layout": pctx.describe()}
             with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            print(f"done: {outcome} after {trainer.step} steps in "
-                  f"{summary['wall_time_s']:.1f}s; outputs in {cfg.logging.run_dir}", flush=True)
+            if outcome == "nonfinite":
+                kept = trainer.last_checkpoint or resume_from
+                print(f"error: {step_fn.guard.message(kept)}", file=sys.stderr, flush=True)
+            else:
+                print(f"done: {outcome} after {trainer.step} steps in "
+                      f"{summary['wall_time_s']:.1f}s; outputs in {cfg.logging.run_dir}",
+                      flush=True)
+        if outcome == "nonfinite" and pctx.world_size > 1:
+            # Every rank exits 3; torchrun ends the others when the first one does, so
+            # they wait here until rank 0 has written its summary and error line.
+            import torch.distributed as dist
+
+            dist.barrier()
         return outcome
     finally:
         if sink is not None:
             sink.close()
         destroy_parallel()
+        if lock is not None:
+            lock.release()
 
 
 def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
@@ -253,6 +271,9 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
         f"warmup {cfg.optim.warmup_steps})",
         f"  optim    : AdamW, {sharding}"
         + ("" if optim_bytes is None else f", state {optim_bytes / 2**20:.2f} MiB per rank"),
+        f"  guard    : train.nonfinite={cfg.train.nonfinite} "
+        + ("(stop at the first NaN/inf loss or grad norm)" if cfg.train.nonfinite == "stop" else
+           f"(skip NaN/inf steps, stop after {cfg.train.nonfinite_patience} in a row)"),
         f"  outputs  : {cfg.logging.run_dir}/ (config.yaml, metrics.jsonl, summary.json)",
     ]
     for i, p in enumerate(blend or []):  # under the data line
@@ -266,11 +287,13 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_megatron()
-    from locmoe_train.parallel.launch import launched_rank, launched_world_size
+    from locmoe_train.parallel.launch import launched_rank, launched_world_size, several_nodes
+    from locmoe_train.parallel.orphan import die_with_launcher
 
     rank = launched_rank()
     prefix = f"[rank {rank}] " if rank not in (None, 0) else ""
+    die_with_launcher(prefix)  # first: a launcher killed during start-up takes us along
+    _quiet_megatron()
     try:
         if argv and argv[0] in SUBCOMMANDS:
             import importlib
@@ -286,9 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.check:
             from locmoe_train.data.blend import data_meta
+            from locmoe_train.runlock import check_free
 
             world = args.world_size or launched_world_size()
             check(cfg, world, data_meta(cfg.data))
+            if not several_nodes():
+                # launch/local.sh: refused before torchrun starts. Not per node: a node
+                # joining a live elastic job would find its own job's lock.
+                check_free(cfg.logging.run_dir)
             print(f"config OK for world size {world}")
             return 0
         return EXIT_CODES.get(run(cfg), 1)

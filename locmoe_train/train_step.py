@@ -2,8 +2,10 @@
 
 ``TrainStep.__call__`` takes the step's micro-batches (``[b, s+1]`` token
 ids: inputs are ``[:, :-1]``, labels ``[:, 1:]``) and returns its metrics as
-device tensors, local to this rank. It does no I/O and no host sync, so the
-trainer decides when to pay for reductions. ``log_record`` and
+device tensors, local to this rank. It does no I/O and no host sync on GPU, so
+the trainer decides when to pay for reductions. A step whose loss or gradient
+norm is NaN/inf on any rank updates nothing (``nonfinite.py``); its verdict
+rides on the gradient norm's all-reduce. ``log_record`` and
 ``eval_record`` turn a window of those metrics, and a validation pass, into
 records (reduced over data-parallel ranks) when the trainer asks.
 
@@ -33,6 +35,7 @@ from locmoe_train.config import TrainConfig
 from locmoe_train.model.gpt import causal_mask
 from locmoe_train.moe.layer import token_ids_scope
 from locmoe_train.optim.optimizer import build_grad_sync
+from locmoe_train.nonfinite import NonFiniteGuard, step_code, step_optimizer
 from locmoe_train.optim.schedule import lr_at
 from locmoe_train.parallel.state import ParallelContext
 
@@ -40,10 +43,15 @@ from locmoe_train.parallel.state import ParallelContext
 class TrainStep:
     def __init__(self, model, optimizer, cfg: TrainConfig, pctx: ParallelContext,
                  dtype: torch.dtype, moe=None, eval_batches: list[torch.Tensor] = (),
-                 eval_sets: dict | None = None):
+                 eval_sets: dict | None = None, hooks=()):
         self.model, self.optimizer, self.cfg, self.pctx = model, optimizer, cfg, pctx
         self.dtype = dtype
         self.moe = moe
+        # Hooks with train_loss(step, loss) -> loss see each micro-batch's loss (tests
+        # poison it); none in a normal run.
+        self.loss_hooks = [h for h in hooks if hasattr(h, "train_loss")]
+        self.guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_patience,
+                                    pctx.device)
         self.eval_batches = list(eval_batches)
         # data.blend: name -> (weight, micro-batches); evaluated part by part.
         self.eval_sets = eval_sets
@@ -83,20 +91,29 @@ class TrainStep:
         for tokens in micro_batches:
             with record_function("train_step/forward"):
                 loss = self.forward_loss(tokens)
+                for hook in self.loss_hooks:
+                    loss = hook.train_loss(step, loss)
                 aux = self.moe.pop_aux_loss() if self.moe is not None else None
                 total = loss if aux is None else loss + aux
             with record_function("train_step/backward"):
                 (total / n).backward()
             loss_sum += loss.detach()
+        loss_mean = loss_sum / n
         with record_function("train_step/grad_sync"):
             self.grad_sync.reduce()
-            grad_norm = self.grad_sync.clip(self.cfg.optim.grad_clip)
+            grad_norm, loss_flags = self.grad_sync.checked_norm(loss_mean)
+            self.grad_sync.clip(self.cfg.optim.grad_clip, grad_norm)
+        # A NaN/inf loss or norm on any rank: every rank skips the update (nonfinite.py).
+        code = step_code(grad_norm, loss_flags)
+        ok = code == 0
         with record_function("train_step/optimizer"):
-            self.optimizer.step()
+            step_optimizer(self.optimizer, ok)
         if self.moe is not None:
-            self.moe.step_end(step, loss_sum / n)
-        metrics = {"loss": loss_sum / n, "grad_norm": grad_norm,
-                   "lr": torch.tensor(lr)}
+            self.moe.step_end(step, loss_mean, ok)
+        self.guard.update(code, step)
+        # A skipped step's loss stays out of the logged mean (log_record).
+        metrics = {"loss": torch.where(ok, loss_mean, 0.0), "grad_norm": grad_norm,
+                   "lr": torch.tensor(lr), "skipped": (~ok).float()}
         if self.moe is not None:
             metrics.update(self.moe.collect(n))
         self._last = metrics
@@ -110,7 +127,9 @@ class TrainStep:
 
     def log_record(self, acc: dict[str, torch.Tensor], n_steps: int, elapsed: float) -> dict:
         """A window of ``n_steps`` summed step metrics -> the record's training fields."""
-        return {"loss": self._dp_mean(acc["loss"] / n_steps),
+        good = n_steps - acc["skipped"]  # identical on every rank
+        loss = self._dp_mean(acc["loss"] / good.clamp_min(1))
+        return {"loss": loss if float(good) > 0 else float("nan"),
                 # The last step's learning rate and gradient norm, not window means.
                 "lr": float(self._last["lr"]), "grad_norm": self._last["grad_norm"].item(),
                 "tokens_per_s": self.tokens_per_step * n_steps / max(elapsed, 1e-9),

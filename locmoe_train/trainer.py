@@ -15,7 +15,9 @@ step: tests install one to kill a rank at a given step.
 
 SIGINT/SIGTERM set a flag; ranks agree on it at the end of each step (one
 tiny all-reduce), so every rank stops after the same step and nobody is left
-waiting in a collective. A second Ctrl-C aborts at once.
+waiting in a collective. A second Ctrl-C aborts at once. The non-finite
+guard's stop flag (``nonfinite.py``) rides in the same all-reduce; a run it
+stops ends with "nonfinite", saving no checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class StopRequested:
 
     def __init__(self):
         self.signum: int | None = None
+        self.failed = False  # the non-finite guard stopped the run
         self._previous = {}
 
     def install(self) -> None:
@@ -71,22 +74,33 @@ class StopRequested:
         self.signum = signum
 
 
-def agree_to_stop(stop: StopRequested, pctx: ParallelContext) -> bool:
-    """True on every rank if any rank was signalled (then ``stop.signum`` is set everywhere)."""
+def agree_to_stop(stop: StopRequested, pctx: ParallelContext, guard=None,
+                  poll: bool = True) -> bool:
+    """True on every rank if any rank was signalled (then ``stop.signum`` is set everywhere)
+    or ``guard`` (a ``NonFiniteGuard``) tripped (then ``stop.failed``). The guard's flag is
+    read with the signal flag; alone on a GPU, where nothing else reads the device per
+    step, only when ``poll`` (a log step)."""
     if pctx.world_size == 1:  # nobody to agree with: no device tensor, no host sync
-        return stop.signum is not None
+        if guard is not None and (poll or pctx.device.type != "cuda"):
+            stop.failed = bool(guard.tripped())
+        return stop.failed or stop.signum is not None
     flag = torch.tensor([1 if stop.signum is not None else 0], dtype=torch.int32,
                         device=pctx.device)
+    if guard is not None:
+        flag = torch.cat([flag, guard.tripped()])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    stopping = bool(flag.item())
-    if stopping and stop.signum is None:
+    values = flag.tolist()
+    stop.failed = len(values) > 1 and values[1] > 0
+    stopping = max(values) > 0
+    if stopping and stop.signum is None and not stop.failed:
         stop.signum = signal.SIGTERM  # another rank was signalled
     return stopping
 
 
 class Trainer:
     def __init__(self, cadence: Cadence, pctx: ParallelContext, step_fn, loader, sink=None,
-                 start_step: int = 0, save=None, parts=(), hooks=(), console: bool = True):
+                 start_step: int = 0, save=None, parts=(), hooks=(), console: bool = True,
+                 guard=None):
         self.cadence, self.pctx, self.step_fn, self.loader = cadence, pctx, step_fn, loader
         self.sink, self.parts, self.hooks, self.console = sink, list(parts), list(hooks), console
         self.step = start_step
@@ -95,10 +109,13 @@ class Trainer:
         # save(step) writes a checkpoint and returns its path (None: checkpointing off).
         self.save = save
         self.last_saved = start_step
+        self.last_checkpoint: str | None = None  # the path this run saved last
+        self.guard = guard  # a NonFiniteGuard, or None
 
     # ---- loop -------------------------------------------------------------
     def fit(self) -> str:
-        """Train to ``max_steps``; returns "completed", "exit_at_step" or the signal's name."""
+        """Train to ``max_steps``; returns "completed", "exit_at_step", "nonfinite" or the
+        signal's name."""
         c = self.cadence
         self.stop.install()
         try:
@@ -113,13 +130,15 @@ class Trainer:
                     acc[k] = acc[k] + v if k in acc else v.clone()
                 steps_in_window += 1
                 last = self.step == c.max_steps
-                stopping = agree_to_stop(self.stop, self.pctx)
-                if (self.step % c.log_interval == 0 or last or stopping
-                        or self.step in c.log_at):
+                log_step = self.step % c.log_interval == 0 or last or self.step in c.log_at
+                stopping = agree_to_stop(self.stop, self.pctx, self.guard, poll=log_step)
+                if log_step or stopping:
                     if self.pctx.device.type == "cuda":
                         torch.cuda.synchronize()
                     self._log_train(acc, steps_in_window, time.perf_counter() - t0)
                     acc, steps_in_window, t0 = {}, 0, time.perf_counter()
+                if self.stop.failed:
+                    return "nonfinite"  # no checkpoint of this state: the last one stays
                 if (c.eval_interval and self.step % c.eval_interval == 0) or last:
                     self._log_eval()
                     t0 = time.perf_counter()  # validation time is not training throughput
@@ -140,7 +159,7 @@ class Trainer:
     def _checkpoint(self) -> None:
         if self.save is not None and self.last_saved != self.step:
             path = self.save(self.step)
-            self.last_saved = self.step
+            self.last_saved, self.last_checkpoint = self.step, path
             if self.pctx.is_main and self.console:
                 print(f"saved checkpoint {path}", flush=True)
 

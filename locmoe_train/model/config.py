@@ -57,6 +57,13 @@ class ModelConfig:
                 f"model.moe_every={self.moe_every} is larger than model.num_layers="
                 f"{self.num_layers}, so the model would have no MoE layer: use a value between "
                 f"1 and {self.num_layers}.")
+        for key in ("num_query_groups", "ffn_hidden_size", "vocab_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer "
+                                f"(or null for the default).")
+        for key in ("rotary_base", "norm_eps", "init_std"):
+            if not getattr(self, key) > 0:
+                raise UserError(f"model.{key}={getattr(self, key)} must be > 0.")
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise UserError(f"model.{key}={getattr(self, key)} must lie in [0, 1).")

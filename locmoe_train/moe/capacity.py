@@ -85,14 +85,25 @@ class CapacityController:
         if self.cfg.policy == "controller":
             self.guard.record(step, loss)
 
-    def step_end(self, step: int, group=None) -> Optional[dict]:
-        """Update C after optimizer step ``step``; returns an event dict when C changed."""
+    def step_end(self, step: int, group=None, ok: Optional[torch.Tensor] = None
+                 ) -> Optional[dict]:
+        """Update C after optimizer step ``step``; returns an event dict when C changed.
+
+        ``ok`` false (a device bool, the same on every rank): the non-finite guard
+        skipped the step, and C stays. It is read only on steps that would change
+        C or measure (they reach the host anyway), so other steps stay sync-free."""
         if self.cfg.policy == "fixed":
             return None
         if self.cfg.policy == "linear_decay":
             new = self._scheduled(step)
+            if new == self.capacity or (ok is not None and not bool(ok)):
+                return None
             self.target = new
             return self._set(step, new, "schedule")
+        due = (self.guard.due(step) or
+               (step >= self.cfg.warmup and step % self.cfg.interval == 0))
+        if not due or (ok is not None and not bool(ok)):
+            return None
         restore = self.guard.check(step, self.cfg.interval, group)
         if restore is not None:
             # The EMA restarts from the restored C and stays there while the guard holds.

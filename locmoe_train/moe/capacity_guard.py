@@ -81,9 +81,13 @@ class RollbackGuard:
     def on_cut(self, step: int, old: int, new: int) -> None:
         self.pending.append({"step": step, "old": old, "new": new})
 
+    def due(self, step: int) -> bool:
+        """True when ``check(step)`` has a cut to judge (a host-side test, no sync)."""
+        return bool(self.pending) and step >= self.pending[0]["step"] + self.window
+
     def check(self, step: int, interval: int, group=None) -> Optional[int]:
         """The capacity to restore when the oldest pending cut is due and harmful, else None."""
-        if not self.pending or step < self.pending[0]["step"] + self.window:
+        if not self.due(step):
             return None
         cut = self.pending.pop(0)
         pre, post = self._group_losses(cut["step"], group)
@@ -110,8 +114,11 @@ class RollbackGuard:
         inside = [(s - lo, v) for s, v in self.losses if lo <= s < lo + span]
         if inside:
             idx = torch.tensor([i for i, _ in inside], device=dev)
-            buf[0].index_add_(0, idx, torch.stack([v.to(dev) for _, v in inside]))
-            buf[1].index_add_(0, idx, torch.ones(len(inside), dtype=torch.float64, device=dev))
+            values = torch.stack([v.to(dev) for _, v in inside])
+            # NaN marks a step the non-finite guard skipped: it counts in no window.
+            finite = torch.isfinite(values)
+            buf[0].index_add_(0, idx, torch.where(finite, values, 0.0))
+            buf[1].index_add_(0, idx, finite.double())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(buf, group=group)
         sums, counts = buf.tolist()

@@ -70,8 +70,14 @@ class CapacityConfig:
             raise UserError(f"moe.capacity.rho={self.rho} must be in [0, 1): the fraction of "
                             f"the way from the isotropic mass share to all of it that the kept "
                             f"candidates must hold (0.5 is the default).")
+        if self.warmup < 0:
+            raise UserError(f"moe.capacity.warmup={self.warmup} must be >= 0.")
+        if not self.decay_to > 0 or not 0 <= self.decay_fraction <= 1:
+            raise UserError(
+                f"moe.capacity needs decay_to > 0 and 0 <= decay_fraction <= 1 "
+                f"(got decay_to={self.decay_to}, decay_fraction={self.decay_fraction}).")
         for key in ("rollback_sigma", "rollback_tolerance"):
-            if getattr(self, key) < 0:
+            if not getattr(self, key) >= 0:
                 raise UserError(f"moe.capacity.{key}={getattr(self, key)} must be >= 0 "
                                 f"(0 turns that part of the rollback test off).")
 
@@ -164,6 +170,14 @@ class MoEConfig:
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise UserError(f"moe.capacity_factor={self.capacity_factor} must be > 0, "
                             f"or null for dropless routing.")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
+            raise UserError(f"moe.ffn_hidden_size={self.ffn_hidden_size} must be a positive "
+                            f"integer (or null for model.ffn_hidden_size).")
+        for key in ("aux_loss_coeff", "z_loss_coeff", "locality_loss_coeff", "bias_update_rate"):
+            if not getattr(self, key) >= 0:
+                raise UserError(f"moe.{key}={getattr(self, key)} must be >= 0 (0 turns it off).")
+        if not 0 <= self.locality_eps <= 1:
+            raise UserError(f"moe.locality_eps={self.locality_eps} must lie in [0, 1].")
         if self.max_nodes_per_token is not None and self.max_nodes_per_token < 1:
             raise UserError(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 1 "
                             f"(or null for no limit).")

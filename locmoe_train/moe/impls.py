@@ -178,7 +178,7 @@ class MegatronMoERuntime:
     def pop_aux_loss(self):
         return None
 
-    def step_end(self, step: int, loss: torch.Tensor) -> None:
+    def step_end(self, step: int, loss: torch.Tensor, ok: torch.Tensor | None = None) -> None:
         pass
 
     def collect(self, num_micro_batches: int) -> dict[str, torch.Tensor]:

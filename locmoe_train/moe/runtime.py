@@ -8,9 +8,10 @@ Owns, for the whole model:
   reduction and the sinks;
 * the aux-loss sum of the last forward, for the train step to add
   (``pop_aux_loss``);
-* ``step_end(step, loss)`` after each optimizer step: routers that adapt get
-  the step's global tokens per expert, and the events they return are kept
-  for the next record;
+* ``step_end(step, loss, ok)`` after each optimizer step: routers that adapt get
+  the step's global tokens per expert and the non-finite guard's verdict
+  (``ok`` false: the step was skipped, so they leave their state alone), and
+  the events they return are kept for the next record;
 * ``collect(n)``: the step's MoE metrics as device tensors (``moe/<name>``,
   local to this rank, no host sync) and ``log_record(acc, n_steps)``: the
   per-log-interval reduction across ranks into the record's ``moe`` fields;
@@ -103,7 +104,7 @@ class MoERuntime:
         return total
 
     @torch.no_grad()
-    def step_end(self, step: int, loss: torch.Tensor) -> None:
+    def step_end(self, step: int, loss: torch.Tensor, ok: torch.Tensor | None = None) -> None:
         if not self.adaptive:
             for m in self.modules:
                 m.stats.step_tokens_per_expert.zero_()
@@ -112,7 +113,7 @@ class MoERuntime:
         if self.pctx.world_size > 1:
             dist.all_reduce(counts_LE)
         for layer, m, counts_E in zip(self.layers, self.modules, counts_LE):
-            self.events += [{"layer": layer, **e} for e in m.router.step_end(counts_E, step, loss)]
+            self.events += [{"layer": layer, **e} for e in m.router.step_end(counts_E, step, loss, ok)]
 
     @torch.no_grad()
     def collect(self, num_micro_batches: int) -> dict[str, torch.Tensor]:

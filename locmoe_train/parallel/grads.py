@@ -14,7 +14,8 @@ Owns what happens to ``.grad`` between backward and the optimizer:
   ``1/edp``;
 * the global gradient norm counts each unique shard once (the replica with
   DP rank 0, and for replicated-over-TP tensors only TP rank 0) in one
-  all-reduce over the world.
+  all-reduce over the world (``checked_norm`` adds the loss's NaN/inf flags
+  to that same all-reduce, for the non-finite guard).
 
 Gradients are flattened per group into one buffer per dtype before each
 all-reduce (few, large messages), then copied back. The distributed
@@ -108,9 +109,20 @@ class GradSync:
         return sq.sqrt()
 
     @torch.no_grad()
-    def clip(self, max_norm: float) -> torch.Tensor:
-        """Scale gradients so the global norm is at most ``max_norm``; return the norm before."""
-        norm = self.global_norm()
+    def checked_norm(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global norm, and [ranks whose ``loss`` is NaN, ranks whose it is inf]: the
+        flags ride on the norm's all-reduce (``nonfinite.py``), no extra message."""
+        loss = loss.detach().float()
+        buf = torch.stack([self.local_sq_norm(), loss.isnan().float(), loss.isinf().float()])
+        if self.pctx.world_size > 1:
+            dist.all_reduce(buf)
+        return buf[0].sqrt(), buf[1:]
+
+    @torch.no_grad()
+    def clip(self, max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Scale gradients so the global norm is at most ``max_norm``; return the norm before
+        (``norm``: already computed, e.g. by ``checked_norm``)."""
+        norm = self.global_norm() if norm is None else norm
         if max_norm > 0:
             coeff = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             self.scale_grads(coeff)

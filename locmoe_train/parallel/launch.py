@@ -23,3 +23,8 @@ def launched_rank() -> int | None:
     """This process's rank as the launcher set it (None without a launcher)."""
     value = os.environ.get("RANK")
     return None if value in (None, "") else int(value)
+
+
+def several_nodes() -> bool:
+    """True under ``launch/multinode.sh`` (and so SLURM): ``NNODES`` set above 1."""
+    return os.environ.get("NNODES", "1") not in ("", "1", "1:1")

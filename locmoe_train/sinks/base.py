@@ -52,6 +52,11 @@ class ConsoleSink:
             if "moe_capacity" in record:
                 parts.append(f"C {record['moe_capacity']}")
             line = " | ".join(parts)
+            if record.get("skipped_steps"):
+                nf = record["nonfinite"]
+                line += (f"\n    skipped {record['skipped_steps']} optimizer step(s) with a "
+                         f"non-finite loss or grad norm (last: {nf['cause']} at step "
+                         f"{nf['step']}); {record['skipped_total']} skipped in all")
             for e in record.get("capacity_events", []):
                 line += (f"\n    capacity of layer {e['layer']}: {e['old']} -> {e['new']} "
                          f"({e['reason']} at step {e['step']})")

@@ -9,14 +9,14 @@ array script. Does not own training (the subprocess), the sweep file
 
 A run directory holds what ``train.py`` writes (config.yaml, metrics.jsonl,
 summary.json, checkpoints/) plus ``sweep_run.json``, ``train.log`` and a
-``.lock`` that is held while the run trains (so two sweep processes, e.g.
-SLURM array tasks sharing a file system, never train the same run at once).
+``.lock`` that is held while the run trains (``runlock.py``: so two sweep processes,
+e.g. SLURM array tasks sharing a file system, never train the same run at once,
+and neither does a trainer started by hand).
 """
 
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import shlex
@@ -29,6 +29,7 @@ from typing import Optional
 
 from locmoe_train.config import dump_config
 from locmoe_train.errors import UserError
+from locmoe_train.runlock import RunLock, held_by
 from locmoe_train.sweep.spec import Run, Sweep, flatten_dict
 
 RECORD = "sweep_run.json"
@@ -82,20 +83,6 @@ def _read_outcome(run_dir: str) -> Optional[str]:
         return None
 
 
-def _locked(run_dir: str) -> bool:
-    """True while some process trains this run (holds its lock)."""
-    path = os.path.join(run_dir, ".lock")
-    if not os.path.exists(path):
-        return False
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
 def status_of(run: Run) -> str:
     """pending, completed, failed, stopped, running, interrupted (killed without a
     chance to record it), changed (config edited since it started) or unknown
@@ -108,7 +95,7 @@ def status_of(run: Run) -> str:
     if _read_outcome(run.dir) == "completed":
         return "completed"
     if record.get("status") == "running":
-        return "running" if _locked(run.dir) else "interrupted"
+        return "running" if held_by(run.dir) is not None else "interrupted"
     return record.get("status", "unknown")
 
 
@@ -224,21 +211,22 @@ class Runner:
         if status == "completed" and not self.force:
             print(f"{tag}: skipped (completed)", flush=True)
             return "skipped"
-        os.makedirs(run.dir, exist_ok=True)
-        lock = open(os.path.join(run.dir, ".lock"), "a")
         try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                print(f"{tag}: skipped (another process is training it)", flush=True)
-                return "busy"
+            lock = RunLock.try_acquire(run.dir)
+        except UserError as e:  # a lock from another host
+            print(f"{tag}: skipped ({e})", flush=True)
+            return "busy"
+        if isinstance(lock, str):
+            print(f"{tag}: skipped (another process is training it: {lock})", flush=True)
+            return "busy"
+        try:
             if self.force:
                 _clear(run.dir, keep={".lock"})
             return self._train(run, tag, lock)
         finally:
-            lock.close()
+            lock.release()
 
-    def _train(self, run: Run, tag: str, lock) -> str:
+    def _train(self, run: Run, tag: str, lock: RunLock) -> str:
         record = read_record(run.dir) or {"name": run.name, "attempts": 0}
         record.update(index=run.index, settings=run.settings, config=run.cfg.to_dict(),
                       nproc=self.sweep.nproc, status="running",
@@ -254,7 +242,7 @@ class Runner:
         attempt = record["attempts"]
         print(f"{tag}: " + (f"resuming (attempt {attempt})" if resuming else "starting"),
               flush=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **lock.child_env())
         t0 = time.time()
         resumed_at = None
         with open(os.path.join(run.dir, "train.log"), "a") as log:
@@ -265,7 +253,7 @@ class Runner:
             # locked while it lives even if this process is killed.
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          env=env, start_new_session=True,
-                                         pass_fds=(lock.fileno(),))
+                                         pass_fds=(lock.file.fileno(),))
             try:
                 for raw in self.proc.stdout:
                     line = raw.decode("utf-8", errors="replace")

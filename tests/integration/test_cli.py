@@ -79,6 +79,10 @@ def test_the_quickstart_config_trains_with_locmoe_plus(tmp_path, tiny_data):
      "train.global_batch_size (12) must be divisible by train.micro_batch_size (4) x "
      "data-parallel size (2) = 8; use train.global_batch_size 8 or 16"),
     (["--data.seq_len=100000"], "data.seq_len"),
+    # Accepted before: a run with no validation, a run with a negative clip.
+    (["--train.eval_interval=-5"],
+     "error: train.eval_interval=-5 must be >= 0 (0: validate only at the end)."),
+    (["--optim.grad_clip=-1"], "error: optim.grad_clip=-1.0 must be >= 0 (0 disables clipping)."),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, message):
     run_dir = tmp_path / "run"

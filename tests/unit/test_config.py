@@ -64,6 +64,68 @@ def test_dump_round_trip(tmp_path):
     assert again == cfg
 
 
+def _nest(key: str, value) -> dict:
+    """``"a.b.c", v`` -> ``{"a": {"b": {"c": v}}}``."""
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+# The range audit of every numeric key: (key, first invalid value, its message, nearest
+# valid value).
+RANGES = [
+    ("optim.lr", 0.0, "optim.lr=0.0 must be > 0.", 1e-4),  # 1e-4: the default min_lr
+    ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1 must be >= 0 (0: no weight decay).", 0.0),
+    ("optim.beta1", 1.0, "optim.beta1=1.0 must lie in [0, 1).", 0.0),
+    ("optim.beta2", -0.5, "optim.beta2=-0.5 must lie in [0, 1).", 0.999),
+    ("optim.eps", 0.0, "optim.eps=0.0 must be > 0.", 1e-12),
+    ("optim.grad_clip", -1.0, "optim.grad_clip=-1.0 must be >= 0 (0 disables clipping).", 0.0),
+    ("optim.min_lr", -1e-4, "optim.min_lr=-0.0001 must lie in [0, optim.lr=0.001].", 0.0),
+    ("optim.warmup_steps", -1, "optim.warmup_steps=-1 must be >= 0.", 0),
+    ("train.seed", -1, "train.seed=-1 must be >= 0.", 0),
+    ("train.eval_interval", -5, "train.eval_interval=-5 must be >= 0 (0: validate only at the "
+     "end).", 0),
+    ("train.eval_samples", 0, "train.eval_samples=0 must be a positive integer.", 1),
+    ("train.nonfinite_patience", 0, "train.nonfinite_patience=0 must be a positive integer.", 1),
+    ("train.exit_at_step", 0, "train.exit_at_step=0 must be >= 1 or null.", 1),
+    ("train.micro_batch_size", 0, "train.micro_batch_size=0 must be a positive integer.", 1),
+    ("checkpoint.interval", -1, "checkpoint.interval=-1 must be >= 0", 0),
+    ("checkpoint.keep", 0, "checkpoint.keep=0 must be a positive integer.", 1),
+    ("logging.log_interval", 0, "logging.log_interval=0 must be a positive integer.", 1),
+    ("data.seq_len", 0, "data.seq_len=0 must be a positive integer.", 1),
+    ("parallel.timeout_minutes", 0, "parallel.timeout_minutes=0 must be a positive integer.", 1),
+    ("parallel.ranks_per_node", 0, "parallel.ranks_per_node=0 must be >= 1 or null.", 1),
+    ("model.num_query_groups", -2, "model.num_query_groups=-2 must be a positive integer (or "
+     "null for the default).", 1),
+    ("model.ffn_hidden_size", -64, "model.ffn_hidden_size=-64 must be a positive integer (or "
+     "null for the default).", 64),
+    ("model.vocab_size", 0, "model.vocab_size=0 must be a positive integer (or null for the "
+     "default).", 1),
+    ("model.rotary_base", 0.0, "model.rotary_base=0.0 must be > 0.", 1.0),
+    ("model.norm_eps", -1e-5, "model.norm_eps=-1e-05 must be > 0.", 1e-12),
+    ("model.init_std", 0.0, "model.init_std=0.0 must be > 0.", 1e-6),
+    ("model.hidden_dropout", 1.0, "model.hidden_dropout=1.0 must lie in [0, 1).", 0.0),
+    ("moe.ffn_hidden_size", 0, "moe.ffn_hidden_size=0 must be a positive integer (or null for "
+     "model.ffn_hidden_size).", 64),
+    ("moe.aux_loss_coeff", -0.01, "moe.aux_loss_coeff=-0.01 must be >= 0 (0 turns it off).", 0.0),
+    ("moe.z_loss_coeff", -1.0, "moe.z_loss_coeff=-1.0 must be >= 0 (0 turns it off).", 0.0),
+    ("moe.locality_loss_coeff", -1.0, "moe.locality_loss_coeff=-1.0 must be >= 0", 0.0),
+    ("moe.bias_update_rate", -1e-3, "moe.bias_update_rate=-0.001 must be >= 0", 0.0),
+    ("moe.locality_eps", 1.5, "moe.locality_eps=1.5 must lie in [0, 1].", 1.0),
+    ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 must be > 0", 0.01),
+    ("moe.capacity.warmup", -1, "moe.capacity.warmup=-1 must be >= 0.", 0),
+    ("moe.capacity.decay_to", 0.0, "moe.capacity needs decay_to > 0 and 0 <= decay_fraction <= 1 "
+     "(got decay_to=0.0, decay_fraction=0.1).", 0.01),
+    ("moe.capacity.decay_fraction", 1.5, "moe.capacity needs decay_to > 0 and 0 <= "
+     "decay_fraction <= 1 (got decay_to=0.66, decay_fraction=1.5).", 1.0),
+    ("moe.capacity.rollback_sigma", -1.0, "moe.capacity.rollback_sigma=-1.0 must be >= 0", 0.0),
+    ("moe.capacity.factor0", 0.0, "moe.capacity needs 0 < min_fraction <= 1", 0.5),
+]
+RANGE_CASES = [(_nest(key, bad), message) for key, bad, message, _ in RANGES]
+RANGE_BOUNDS = [_nest(key, good) for key, _, _, good in RANGES]
+
+
 @pytest.mark.parametrize("data, message", [
     ({"model": {"hiden_size": 3}},
      "unknown config key 'model.hiden_size'. Did you mean 'hidden_size'?"),
@@ -107,11 +169,18 @@ def test_dump_round_trip(tmp_path):
      "unknown config key 'moe.capacity.polcy'. Did you mean 'policy'?"),
     ({"moe": {"dispatcher": "allgather"}},
      "moe.dispatcher='allgather' is only available with moe.impl=megatron"),
-])
+] + [(data, message) for data, message in RANGE_CASES])
 def test_validation_messages(tmp_path, data, message):
     with pytest.raises(UserError) as e:
         load_config(write(tmp_path, data), [])
     assert message in str(e.value)
+
+
+def test_every_range_case_is_accepted_at_its_bound(tmp_path):
+    # The cases above are rejected; the nearest valid value of each key is not, so the
+    # checks draw the line where the messages say.
+    for data in RANGE_BOUNDS:
+        load_config(write(tmp_path, data), [])
 
 
 def test_bad_override_forms():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from locmoe_train.errors import UserError
 from locmoe_train.moe.routers import register_router
 from locmoe_train.moe.routers.base import HFExport, LinearGateRouter, RouterSetup, topk_map
 from locmoe_train.moe.routing import RoutingResult
@@ -46,16 +45,13 @@ class AuxFreeRouter(LinearGateRouter):
                              selected_TE=selected_TE)
 
     @torch.no_grad()
-    def step_end(self, counts_E, step=None, loss=None) -> list[dict]:
+    def step_end(self, counts_E, step=None, loss=None, ok=None) -> list[dict]:
         error_E = counts_E.float().mean() - counts_E.float()
-        self.expert_bias += self.cfg.bias_update_rate * torch.sign(error_E)
+        delta_E = self.cfg.bias_update_rate * torch.sign(error_E)
+        if ok is not None:  # a skipped step moves no bias (on device: no host sync)
+            delta_E = delta_E * ok
+        self.expert_bias += delta_E
         return []
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        super().validate(cfg)
-        if cfg.bias_update_rate < 0:
-            raise UserError(f"moe.bias_update_rate={cfg.bias_update_rate} must be >= 0.")
 
     @classmethod
     def hf_export(cls, cfg) -> HFExport:

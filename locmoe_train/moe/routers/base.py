@@ -170,10 +170,12 @@ class Router(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not implement forward()")
 
     def step_end(self, counts_E: torch.Tensor, step: int | None = None,
-                 loss: torch.Tensor | None = None) -> list[dict]:
+                 loss: torch.Tensor | None = None, ok: torch.Tensor | None = None) -> list[dict]:
         """After each optimizer step (adaptive routers only): that step's global tokens per
-        expert, the step number and this rank's training loss (a device scalar). Returns
-        the events this caused (dicts, e.g. a capacity change), identical on every rank."""
+        expert, the step number, this rank's training loss (a device scalar) and ``ok``
+        (a device bool, the same on every rank; false: the non-finite guard skipped the
+        step, so the router's state must not move; None: not guarded). Returns the
+        events this caused (dicts, e.g. a capacity change), identical on every rank."""
         return []
 
     def gauges(self) -> dict[str, float]:

@@ -220,13 +220,15 @@ class LocMoEPlusRouter(Router):
         threshold_E = torch.topk(gathered, group_capacity, dim=0).values[-1]
         return candidates_TE & (masked >= threshold_E)
 
-    def step_end(self, counts_E, step=None, loss=None) -> list[dict]:
+    def step_end(self, counts_E, step=None, loss=None, ok=None) -> list[dict]:
         if step is None:
             return []
         if loss is not None:
-            self.controller.record_loss(step, loss)
+            # A skipped step's loss is NaN to the rollback guard: left out of its windows.
+            self.controller.record_loss(step, loss if ok is None else
+                                        torch.where(ok, loss, float("nan")))
         self._update_locality_share(step)
-        event = self.controller.step_end(step)
+        event = self.controller.step_end(step, ok=ok)
         # Token choice alone applies no capacity: the controller still measures
         # (q, target, C_min are diagnostics) but its C is not in effect.
         if event is None or self.lcfg.mode == "tcr":

@@ -43,7 +43,6 @@ import numpy as np
 
 from locmoe_train.data.corpus import (Document, ValidSplit, describe_default_corpus,
                                       iter_documents, limit_bytes)
-from locmoe_train.data.dataset import indexed_dataset_module
 from locmoe_train.data.encode_pool import ChunkEncoder, default_workers
 from locmoe_train.data.readers import BadRecords
 from locmoe_train.data.tokenizer import (TOKENIZER_KINDS, Tokenizer, load_tokenizer,
@@ -359,6 +358,10 @@ def _write_splits(args, work_dir: str, tokenizer: Tokenizer, tokenizer_path: str
 
     Also writes the validation doc ids, in corpus order, as they go by.
     """
+    # Imported here, not at module level: worker processes import this module
+    # as the main module and need neither torch nor megatron-core.
+    from locmoe_train.data.dataset import indexed_dataset_module
+
     builder_cls = indexed_dataset_module().IndexedDatasetBuilder
     dtype = token_dtype(tokenizer.vocab_size)
     builders = {s: builder_cls(split_prefix(work_dir, s) + ".bin", dtype=dtype) for s in SPLITS}

@@ -6,6 +6,8 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 import threading
 from multiprocessing.pool import ThreadPool
@@ -92,6 +94,13 @@ def test_strict_stops_at_first_bad_record_with_file_and_line(mixed_inputs, tmp_p
         f"quotes); {readers.JSONL_HINT} (--strict stops at the first bad record; drop --strict "
         "to skip and count them)")
     assert os.listdir(tmp_path) == []  # nothing written, not even a temporary directory
+    proc = subprocess.run(
+        [sys.executable, "-m", "locmoe_train.data.prepare", "--input", mixed_inputs[2],
+         "--output", str(out), "--strict"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"error: {mixed_inputs[2]}:2: not valid JSON " \
+        f"(Expecting property name enclosed in double quotes); {readers.JSONL_HINT} (--strict " \
+        "stops at the first bad record; drop --strict to skip and count them)"
     with pytest.raises(UserError, match=r"^--workers 0 must be at least 1"):
         prepare.main(["--workers", "0", "--output", str(out)])
 

@@ -9,7 +9,7 @@ Steps, all in a temporary directory (``--workdir`` to choose it):
    record each, in a seeded shuffled order per repetition, repeated until the
    size is reached. One big file, so the reader's streaming is exercised.
 2. Train one SentencePiece tokenizer (vocab 4096) on a 5 MB slice of the
-   stdlib, once; every timed run reuses it (``--tokenizer-path``), so the runs
+   stdlib (``--tokenizer-mb``), once; every timed run reuses it (``--tokenizer-path``), so the runs
    time scanning + tokenization + writing, which is what grows with the data.
 3. For each worker count, run ``python -m locmoe_train.data.prepare`` as a
    child process, sampling with psutil the resident memory of the main
@@ -48,6 +48,7 @@ from locmoe_train.data.corpus import iter_documents, limit_bytes  # noqa: E402
 from locmoe_train.data.encode_pool import default_workers  # noqa: E402
 
 SAMPLE_S = 0.2
+VOCAB_SIZE = 4096
 PROJECT_TOKENS = 10_000_000_000
 MIB = 1 << 20
 
@@ -73,10 +74,11 @@ def generate_corpus(path: str, size_mb: float, seed: int) -> Dict[str, int]:
     return {"bytes": written, "records": records, "stdlib_passes": passes}
 
 
-def train_tokenizer(workdir: str) -> str:
+def train_tokenizer(workdir: str, sample_mb: float) -> str:
     out = os.path.join(workdir, "tokenizer_run")
     subprocess.run([sys.executable, "-m", "locmoe_train.data.prepare", "--output", out,
-                    "--max-bytes", "5000000", "--vocab-size", "4096", "--force"],
+                    "--max-bytes", str(int(sample_mb * 1e6)), "--vocab-size", str(VOCAB_SIZE),
+                    "--force"],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return os.path.join(out, "tokenizer.model")
 
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--small-mb", type=float, default=50.0,
                         help="size of the smaller corpus for the memory-vs-size check "
                         "(default: %(default)s; 0 skips it)")
+    parser.add_argument("--tokenizer-mb", type=float, default=5.0,
+                        help="stdlib text the tokenizer is trained on (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="corpus shuffle seed")
     parser.add_argument("--workdir", default=None, help="where the corpus and outputs go "
                         "(default: a temporary directory, removed at the end)")
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
         corpus["generate_s"] = round(time.monotonic() - t0, 1)
         print(f"bench_prepare: corpus {corpus}", flush=True)
         t0 = time.monotonic()
-        tokenizer = train_tokenizer(workdir)
+        tokenizer = train_tokenizer(workdir, args.tokenizer_mb)
         tokenizer_s = round(time.monotonic() - t0, 1)
         rows = []
         with open(log_path, "w") as log:
@@ -194,7 +198,9 @@ def main(argv=None) -> int:
             "machine": {"cpus": os.cpu_count(), "available_cpus": default_workers(),
                         "python": platform.python_version(),
                         "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-            "corpus": corpus, "tokenizer": {"vocab_size": 4096, "train_s": tokenizer_s},
+            "corpus": corpus, "tokenizer": {"vocab_size": VOCAB_SIZE,
+                                           "sample_mb": args.tokenizer_mb,
+                                           "train_s": tokenizer_s},
             "runs": rows, "memory_vs_size": memory_vs_size,
             "identical_outputs": len({r["digest"] for r in rows}) == 1,
             "projection_10B_tokens_hours": round(PROJECT_TOKENS / best["tokens_per_s"] / 3600, 1),

@@ -44,7 +44,7 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from locmoe_train.data.corpus import iter_documents, limit_bytes  # noqa: E402
+from locmoe_train.data.corpus import iter_documents  # noqa: E402
 from locmoe_train.data.encode_pool import default_workers  # noqa: E402
 
 SAMPLE_S = 0.2

@@ -445,6 +445,17 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
     return meta
 
 
+def _refuse_bad_records_if_strict(args: argparse.Namespace, output: str) -> None:
+    """--strict must not accept an existing dataset that was built by skipping records."""
+    bad = load_meta(output).get("bad_records", {})
+    n_bad = bad.get("skipped", 0) + bad.get("replaced_text_lines", 0)
+    if args.strict and n_bad:
+        first = (bad.get("examples") or ["?"])[0]
+        raise UserError(f"--output {output!r} was prepared from these inputs with {n_bad} bad "
+                        f"record(s) (first: {first}), which --strict refuses; fix the input and "
+                        "rerun with --force")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``locmoe-train prepare-data``; raises UserError on bad input."""
     args = build_parser().parse_args(argv)
@@ -453,6 +464,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.workers = default_workers()
     output = os.path.normpath(args.output)
     if _existing_output_is_current(output, _recorded_args(args), args.force):
+        _refuse_bad_records_if_strict(args, output)
         print(f"already prepared: {output} (same options; pass --force to rebuild)")
         return 0
     start = time.monotonic()

@@ -82,6 +82,10 @@ def test_workers_2_output_is_byte_identical_to_workers_1(mixed_inputs, tmp_path)
             f"{notes}:4: bytes that are not UTF-8 (at byte 14 of the line)"]}
     # Re-running with another worker count is "already prepared", not a rebuild.
     assert prepare.main([*common, "--output", str(tmp_path / "w1"), "--workers", "2"]) == 0
+    # ... but --strict does not accept a dataset that was built by skipping records.
+    with pytest.raises(UserError, match=r"w1' was prepared from these inputs with 3 bad record\(s\) "
+                       r"\(first: .*notes\.jsonl:2: not valid JSON.*--strict refuses"):
+        prepare.main([*common, "--output", str(tmp_path / "w1"), "--strict"])
 
 
 def test_strict_stops_at_first_bad_record_with_file_and_line(mixed_inputs, tmp_path):

@@ -447,9 +447,11 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _refuse_bad_records_if_strict(args: argparse.Namespace, output: str) -> None:
     """--strict must not accept an existing dataset that was built by skipping records."""
+    if not args.strict:
+        return
     bad = load_meta(output).get("bad_records", {})
     n_bad = bad.get("skipped", 0) + bad.get("replaced_text_lines", 0)
-    if args.strict and n_bad:
+    if n_bad:
         first = (bad.get("examples") or ["?"])[0]
         raise UserError(f"--output {output!r} was prepared from these inputs with {n_bad} bad "
                         f"record(s) (first: {first}), which --strict refuses; fix the input and "

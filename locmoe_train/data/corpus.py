@@ -6,14 +6,18 @@ deterministic order; the split hashes the doc id (``assign_valid``), so ids
 are built from names the user controls, never from absolute paths or
 directory-listing order, and the split does not depend on corpus order.
 
-Accepted inputs (``iter_documents(inputs)``), processed in the order given:
+Accepted inputs (``iter_documents(inputs, bad)``), processed in the order
+given, each read as a stream (``readers.py``), never whole:
 
-* a ``.jsonl`` file -- one document per non-blank line, taken from the line's
-  ``"text"`` string field; doc id ``"<file name>:<line number>"``;
-* any other file -- the whole file is one document (UTF-8, undecodable bytes
-  replaced); doc id ``"<file name>"``;
+* a ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` file -- one document per
+  non-blank line, taken from the line's ``"text"`` string field; doc id
+  ``"<file name>:<line number>"``. Bad lines are skipped and counted in
+  ``bad`` (or stop the run when it is strict);
+* any other file -- plain text (UTF-8, undecodable bytes replaced): one
+  document, doc id ``"<file name>"``, unless it is over 1 MiB, when it is cut
+  at line breaks into documents ``"<file name>"``, ``"<file name>#2"``, ...;
 * a directory -- walked recursively in sorted order; files ending in
-  ``TEXT_SUFFIXES`` are read as plain documents and ``.jsonl`` files as above
+  ``TEXT_SUFFIXES`` are read as plain documents and JSONL files as above
   (``.json`` is not accepted: it has no agreed document layout). Hidden
   entries (starting with ``.``) and ``__pycache__`` are skipped, and so are
   files that look binary (contain NUL bytes). Doc ids are
@@ -31,20 +35,18 @@ lone end-of-document token and nothing to learn from.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sysconfig
 from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
+from locmoe_train.data.readers import (COMPRESSED_SUFFIXES, JSONL_SUFFIXES, BadRecords,
+                                       iter_jsonl, iter_text)
 from locmoe_train.errors import UserError
 
 # Suffixes read as plain-text documents when walking a directory.
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
-JSONL_SUFFIX = ".jsonl"
 # Directory names never descended into.
 SKIPPED_DIRS = ("__pycache__", "site-packages")
-# Bytes inspected when deciding whether a file is binary.
-_BINARY_SNIFF_BYTES = 8192
 
 Document = Tuple[str, str]
 
@@ -52,10 +54,6 @@ Document = Tuple[str, str]
 def describe_default_corpus() -> str:
     """The directory holding the embedded default corpus (the Python stdlib)."""
     return sysconfig.get_paths()["stdlib"]
-
-
-def _looks_binary(data: bytes) -> bool:
-    return b"\x00" in data[:_BINARY_SNIFF_BYTES]
 
 
 def _walk_sorted(root: str, suffixes: Tuple[str, ...]) -> Iterator[Tuple[str, str]]:
@@ -78,73 +76,31 @@ def _walk_sorted(root: str, suffixes: Tuple[str, ...]) -> Iterator[Tuple[str, st
         yield os.path.join(root, *rel.split("/")), rel
 
 
-def _read_text_file(path: str, *, skip_binary: bool) -> Optional[str]:
-    """The file decoded as UTF-8 (errors replaced); None if skipped as binary/unreadable."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        if skip_binary:
-            return None
-        raise UserError(f"input file {path!r} could not be read ({exc}); check its permissions")
-    if _looks_binary(data):
-        if skip_binary:
-            return None
-        raise UserError(
-            f"input file {path!r} looks binary (contains NUL bytes); pass text files, "
-            ".jsonl files or directories of them"
-        )
-    return data.decode("utf-8", errors="replace")
+def _iter_file(path: str, doc_id: str, bad: BadRecords, *, in_directory: bool
+               ) -> Iterator[Document]:
+    if path.endswith(JSONL_SUFFIXES):
+        for line_no, text in iter_jsonl(path, bad):
+            yield f"{doc_id}:{line_no}", text
+        return
+    if path.endswith(COMPRESSED_SUFFIXES):
+        raise UserError(f"input file {path!r} is compressed but not JSONL; only .jsonl.gz and "
+                        ".jsonl.zst are read compressed -- decompress it first")
+    for part, text in enumerate(iter_text(path, bad, skip_binary=in_directory), start=1):
+        yield (doc_id if part == 1 else f"{doc_id}#{part}"), text
 
 
-def _iter_jsonl(path: str, id_prefix: str) -> Iterator[Document]:
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path}:{line_no}: not valid JSON ({exc.msg}); each line of a .jsonl input "
-                    'must be one JSON object like {"text": "..."}'
-                ) from exc
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(
-                    f"{path}:{line_no}: no string field 'text' in this line; each line of a "
-                    '.jsonl input must be a JSON object like {"text": "..."}'
-                )
-            yield f"{id_prefix}:{line_no}", text
-
-
-def _iter_path(path: str) -> Iterator[Document]:
+def _iter_path(path: str, bad: BadRecords) -> Iterator[Document]:
     """Documents of one user-given input path."""
     norm = os.path.normpath(path)
-    if not os.path.exists(norm):
-        raise UserError(
-            f"input path {path!r} does not exist; pass existing files or directories to --input "
-            "(or omit --input to use the built-in standard-library corpus)"
-        )
     base = os.path.basename(os.path.abspath(norm))
     if os.path.isdir(norm):
-        for full, rel in _walk_sorted(norm, TEXT_SUFFIXES + (JSONL_SUFFIX,)):
-            doc_id = f"{base}/{rel}"
-            if rel.endswith(JSONL_SUFFIX):
-                yield from _iter_jsonl(full, doc_id)
-            else:
-                text = _read_text_file(full, skip_binary=True)
-                if text is not None:
-                    yield doc_id, text
-    elif norm.endswith(JSONL_SUFFIX):
-        yield from _iter_jsonl(norm, base)
+        for full, rel in _walk_sorted(norm, TEXT_SUFFIXES + JSONL_SUFFIXES):
+            yield from _iter_file(full, f"{base}/{rel}", bad, in_directory=True)
     else:
-        text = _read_text_file(norm, skip_binary=False)
-        assert text is not None
-        yield base, text
+        yield from _iter_file(norm, base, bad, in_directory=False)
 
 
-def _iter_stdlib() -> Iterator[Document]:
+def _iter_stdlib(bad: BadRecords) -> Iterator[Document]:
     root = describe_default_corpus()
     if not os.path.isdir(root):
         raise UserError(
@@ -152,16 +108,20 @@ def _iter_stdlib() -> Iterator[Document]:
             "machine; pass your own text with --input"
         )
     for full, rel in _walk_sorted(root, (".py",)):
-        text = _read_text_file(full, skip_binary=True)
-        if text is not None:
-            yield f"stdlib/{rel}", text
+        yield from _iter_file(full, f"stdlib/{rel}", bad, in_directory=True)
 
 
-def iter_documents(inputs: Optional[List[str]]) -> Iterator[Document]:
-    """Yield ``(doc_id, text)`` for ``inputs`` (None: the stdlib corpus), deterministically."""
+def iter_documents(inputs: Optional[List[str]],
+                   bad: Optional[BadRecords] = None) -> Iterator[Document]:
+    """Yield ``(doc_id, text)`` for ``inputs`` (None: the stdlib corpus), deterministically.
+
+    Bad records are counted in ``bad`` (a throw-away counter when None); a
+    strict ``bad`` raises ``UserError`` with the file and line instead.
+    """
+    bad = bad if bad is not None else BadRecords()
     source: Iterable[Document]
     if inputs is None:
-        source = _iter_stdlib()
+        source = _iter_stdlib(bad)
     else:
         if not inputs:
             raise UserError("--input was given no paths; pass files/directories or omit --input")
@@ -172,7 +132,7 @@ def iter_documents(inputs: Optional[List[str]]) -> Iterator[Document]:
                     f"input path {path!r} does not exist; pass existing files or directories "
                     "to --input (or omit --input to use the built-in standard-library corpus)"
                 )
-        source = (doc for path in inputs for doc in _iter_path(path))
+        source = (doc for path in inputs for doc in _iter_path(path, bad))
     for doc_id, text in source:
         if text.strip():
             yield doc_id, text
@@ -207,19 +167,53 @@ def valid_score(doc_id: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def assign_valid(doc_ids: Sequence[str], valid_fraction: float) -> Set[str]:
-    """The doc ids that go to validation.
+class ValidSplit:
+    """The train/valid split, computed in one streaming pass over the doc ids.
 
-    A document is validation iff its score is below ``valid_fraction``. With
-    two or more distinct documents both splits are made non-empty by moving
-    the lowest-scoring document into validation (or the highest-scoring one
-    out of it); all of this depends only on the set of ids, not their order.
+    ``observe`` every id once (memory stays constant), then ``is_valid``
+    answers for any of them. A document is validation iff its score is below
+    ``valid_fraction``. With two or more distinct ids both splits are made
+    non-empty by moving the lowest-scoring document into validation (or the
+    highest-scoring one out of it). All of this depends only on the set of
+    ids, not on their order or repetitions.
     """
-    unique = set(doc_ids)
-    valid = {d for d in unique if valid_score(d) < valid_fraction}
-    if len(unique) >= 2:
-        if not valid:
-            valid.add(min(unique, key=lambda d: (valid_score(d), d)))
-        if len(valid) == len(unique):
-            valid.discard(max(unique, key=lambda d: (valid_score(d), d)))
-    return valid
+
+    def __init__(self, valid_fraction: float) -> None:
+        self.valid_fraction = valid_fraction
+        self.count = 0
+        self._first: Optional[str] = None
+        self.distinct_at_least_2 = False
+        self._lowest: Optional[Tuple[float, str]] = None
+        self._highest: Optional[Tuple[float, str]] = None
+        self._any_valid, self._all_valid = False, True
+        self._forced_in: Optional[str] = None
+        self._forced_out: Optional[str] = None
+
+    def observe(self, doc_id: str) -> None:
+        self.count += 1
+        if self._first is None:
+            self._first = doc_id
+        elif doc_id != self._first:
+            self.distinct_at_least_2 = True
+        key = (valid_score(doc_id), doc_id)
+        self._lowest = key if self._lowest is None else min(self._lowest, key)
+        self._highest = key if self._highest is None else max(self._highest, key)
+        natural = key[0] < self.valid_fraction
+        self._any_valid |= natural
+        self._all_valid &= natural
+        if self.distinct_at_least_2 and self._lowest is not None:
+            self._forced_in = None if self._any_valid else self._lowest[1]
+            self._forced_out = self._highest[1] if self._all_valid else None
+
+    def is_valid(self, doc_id: str) -> bool:
+        if doc_id == self._forced_in:
+            return True
+        return doc_id != self._forced_out and valid_score(doc_id) < self.valid_fraction
+
+
+def assign_valid(doc_ids: Sequence[str], valid_fraction: float) -> Set[str]:
+    """The doc ids that go to validation (``ValidSplit`` over a list)."""
+    split = ValidSplit(valid_fraction)
+    for doc_id in doc_ids:
+        split.observe(doc_id)
+    return {d for d in set(doc_ids) if split.is_valid(d)}

@@ -15,6 +15,11 @@ This module owns the on-disk dataset format and its creation:
 
 Documents are assigned to validation by a stable hash of their doc id (see
 ``corpus.py``), so the split does not depend on corpus order or ``--seed``.
+The input is streamed (``readers.py``) in three passes -- scan for the split
+and the bad-record count, tokenizer training when one is trained, then
+tokenization on ``--workers`` processes (``encode_pool.py``) whose results are
+written in corpus order -- so memory does not grow with the input and the
+output does not depend on the number of workers.
 Everything is written to a temporary sibling directory that is renamed into
 place only when complete: a crash never leaves a directory that has a
 ``meta.json`` but partial data. Re-running with the same options is a no-op.
@@ -26,19 +31,20 @@ Run as ``locmoe-train prepare-data`` or ``python -m locmoe_train.data.prepare``.
 from __future__ import annotations
 
 import argparse
-import itertools
+import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
-from locmoe_train.data.corpus import (assign_valid, describe_default_corpus, iter_documents,
-                                      limit_bytes)
-from locmoe_train.data.dataset import indexed_dataset_module
+from locmoe_train.data.corpus import (Document, ValidSplit, describe_default_corpus,
+                                      iter_documents, limit_bytes)
+from locmoe_train.data.encode_pool import ChunkEncoder, default_workers
+from locmoe_train.data.readers import BadRecords
 from locmoe_train.data.tokenizer import (TOKENIZER_KINDS, Tokenizer, load_tokenizer,
                                          train_sentencepiece)
 from locmoe_train.errors import UserError
@@ -49,9 +55,11 @@ SPLITS = ("train", "valid")
 META_FILE = "meta.json"
 SP_MODEL_FILE = "tokenizer.model"
 VALID_IDS_FILE = "valid_documents.txt"
-# Documents per encode_batch call: enough to keep both cores busy, small
-# enough that the progress bar moves.
+# A chunk (the unit of work sent to a worker) closes at this many documents
+# or characters: big enough that inter-process overhead is small, small
+# enough that the progress bar moves and the chunks in flight stay small.
 ENCODE_CHUNK_DOCS = 64
+ENCODE_CHUNK_CHARS = 1 << 20
 # uint16 halves disk and page-cache use; leave headroom below 65536 so a
 # tokenizer with a few extra special tokens still fits.
 UINT16_VOCAB_LIMIT = 65500
@@ -126,11 +134,11 @@ def load_data_tokenizer(data_dir: str, meta: Optional[Dict[str, Any]] = None) ->
 
 # ----------------------------------------------------------------- progress
 class _Progress:
-    """tqdm on stderr when available, else a line every ~10% / 10 s."""
+    """tqdm on stderr (documents/s, tokens/s) when available, else a line every ~10% / 10 s."""
 
     def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.done = total, desc, 0
-        self._last_print = time.monotonic()
+        self.total, self.desc, self.done, self.tokens = total, desc, 0, 0
+        self._start = self._last_print = time.monotonic()
         try:
             from tqdm import tqdm
         except ImportError:
@@ -139,15 +147,23 @@ class _Progress:
             self._bar = tqdm(total=total, desc=desc, unit="doc", file=sys.stderr,
                              mininterval=0.5, leave=False)
 
-    def update(self, n: int) -> None:
-        self.done += n
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.monotonic() - self._start, 1e-9)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.done += docs
+        self.tokens += tokens
         if self._bar is not None:
-            self._bar.update(n)
+            self._bar.update(docs)
+            # tqdm's own rate is documents/s; tokens/s rides in the postfix.
+            self._bar.set_postfix_str(f"{self.tokens_per_s():,.0f} tok/s", refresh=False)
             return
         now = time.monotonic()
         step = max(1, self.total // 10)
-        if now - self._last_print > 10 or self.done // step != (self.done - n) // step:
-            print(f"{self.desc}: {self.done}/{self.total} documents", file=sys.stderr, flush=True)
+        if now - self._last_print > 10 or self.done // step != (self.done - docs) // step:
+            rate = self.done / max(now - self._start, 1e-9)
+            print(f"{self.desc}: {self.done}/{self.total} documents, {rate:,.0f} doc/s, "
+                  f"{self.tokens_per_s():,.0f} tok/s", file=sys.stderr, flush=True)
             self._last_print = now
 
     def close(self) -> None:
@@ -167,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the Python standard library's own source code is used, so no download is needed.",
     )
     parser.add_argument("--input", nargs="+", metavar="PATH", default=None,
-                        help="text files, .jsonl files ({'text': ...} per line) or directories "
-                        "(default: the Python standard library's source)")
+                        help="one or more text files (.txt/.md/.rst/.py/...), JSONL files "
+                        "({'text': ...} per line; .jsonl, .jsonl.gz, .jsonl.zst) or directories "
+                        "of them (default: the Python standard library's source)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR",
                         help="output directory (default: %(default)s)")
     parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="sentencepiece",
@@ -189,12 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed for sampling tokenizer-training text (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing output directory")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="tokenizer processes; the output does not depend on it (default: "
+                        f"the number of CPUs available, here {default_workers()})")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop with an error at the first bad input record (invalid JSON, "
+                        "no 'text', not UTF-8), naming file and line; by default such records "
+                        "are skipped and counted")
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if not 0.0 < args.valid_fraction < 1.0:
         raise UserError(f"--valid-fraction {args.valid_fraction} is outside (0, 1); use e.g. 0.02")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be at least 1; omit it to use every CPU")
     if args.max_bytes is not None and args.max_bytes <= 0:
         raise UserError(f"--max-bytes {args.max_bytes} must be positive; omit it for no limit")
     if args.tokenizer == "hf" and not args.tokenizer_path:
@@ -215,7 +241,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _recorded_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The options that determine the output; what 'already prepared' compares."""
+    """The options that determine the output; what 'already prepared' compares.
+
+    --workers and --strict are left out: neither changes the bytes written.
+    """
     return {
         "input": None if args.input is None else [os.path.abspath(p) for p in args.input],
         "tokenizer": args.tokenizer,
@@ -256,20 +285,48 @@ def _existing_output_is_current(output: str, recorded: Dict[str, Any], force: bo
     )
 
 
-def _corpus(args: argparse.Namespace) -> Iterable:
-    return limit_bytes(iter_documents(args.input), args.max_bytes)
+def _corpus(args: argparse.Namespace, bad: Optional[BadRecords] = None) -> Iterator[Document]:
+    return limit_bytes(iter_documents(args.input, bad), args.max_bytes)
 
 
-def _setup_tokenizer(args, work_dir: str, valid_ids: Set[str], n_train: int):
-    """Create/copy the tokenizer into ``work_dir``; return (tokenizer, meta entry)."""
+class _Scan(NamedTuple):
+    """What the first streaming pass learns: the split, a fingerprint, bad records."""
+
+    split: ValidSplit
+    fingerprint: str
+    bad: BadRecords
+
+
+def _fingerprint(doc_ids: Iterable[str]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for doc_id in doc_ids:
+        digest.update(doc_id.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _scan(args: argparse.Namespace) -> _Scan:
+    """Read the corpus once, keeping only constant-size state (no document list)."""
+    split = ValidSplit(args.valid_fraction)
+    bad = BadRecords(strict=args.strict)
+
+    def observed() -> Iterator[str]:
+        for doc_id, _ in _corpus(args, bad):
+            split.observe(doc_id)
+            yield doc_id
+
+    return _Scan(split, _fingerprint(observed()), bad)
+
+
+def _setup_tokenizer(args, work_dir: str, split: ValidSplit):
+    """Create/copy the tokenizer into ``work_dir``; return (tokenizer, its path, meta entry)."""
     if args.tokenizer == "hf":
         path = os.path.abspath(args.tokenizer_path)
-        return load_tokenizer("hf", path), {"kind": "hf", "path": path, "trained": False}
+        return load_tokenizer("hf", path), path, {"kind": "hf", "path": path, "trained": False}
     model_path = os.path.join(work_dir, SP_MODEL_FILE)
     if args.tokenizer_path is None:
-        _log(f"training a SentencePiece BPE tokenizer (vocab {args.vocab_size}) "
-             f"on {n_train} training documents")
-        train_texts = (text for doc_id, text in _corpus(args) if doc_id not in valid_ids)
+        _log(f"training a SentencePiece BPE tokenizer (vocab {args.vocab_size}) on the "
+             f"training split ({split.count} documents in all)")
+        train_texts = (text for doc_id, text in _corpus(args) if not split.is_valid(doc_id))
         trained = train_sentencepiece(
             train_texts, os.path.join(work_dir, "tokenizer"), args.vocab_size, args.seed
         )
@@ -279,50 +336,62 @@ def _setup_tokenizer(args, work_dir: str, valid_ids: Set[str], n_train: int):
         shutil.copyfile(args.tokenizer_path, model_path)
         entry = {"kind": "sentencepiece", "path": SP_MODEL_FILE, "trained": False,
                  "copied_from": os.path.abspath(args.tokenizer_path)}
-    return load_tokenizer("sentencepiece", model_path), entry
+    return load_tokenizer("sentencepiece", model_path), model_path, entry
 
 
-def _write_splits(args, work_dir: str, tokenizer: Tokenizer, doc_ids: List[str],
-                  valid_ids: Set[str]) -> Dict[str, Dict[str, int]]:
-    """Tokenise every document into the split it belongs to; return per-split counts."""
-    import torch
+def _chunks(documents: Iterable[Document]) -> Iterator[List[Document]]:
+    chunk: List[Document] = []
+    chars = 0
+    for doc in documents:
+        chunk.append(doc)
+        chars += len(doc[1])
+        if len(chunk) == ENCODE_CHUNK_DOCS or chars >= ENCODE_CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _write_splits(args, work_dir: str, tokenizer: Tokenizer, tokenizer_path: str,
+                  scan: _Scan) -> Dict[str, Dict[str, int]]:
+    """Tokenise every document into the split it belongs to; return per-split counts.
+
+    Also writes the validation doc ids, in corpus order, as they go by.
+    """
+    # Imported here, not at module level: worker processes import this module
+    # as the main module and need neither torch nor megatron-core.
+    from locmoe_train.data.dataset import indexed_dataset_module
 
     builder_cls = indexed_dataset_module().IndexedDatasetBuilder
     dtype = token_dtype(tokenizer.vocab_size)
     builders = {s: builder_cls(split_prefix(work_dir, s) + ".bin", dtype=dtype) for s in SPLITS}
     counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
-    progress = _Progress(len(doc_ids), "tokenizing")
-
-    def flush(chunk: List[tuple]) -> None:
-        for (doc_id, _), ids in zip(chunk, tokenizer.encode_batch([t for _, t in chunk])):
-            ids_np = np.asarray(ids + [tokenizer.eod_id], dtype=np.int64)
-            if ids_np.min() < 0 or ids_np.max() >= tokenizer.vocab_size:
-                raise UserError(
-                    f"tokenizer produced ids outside [0, {tokenizer.vocab_size}) for document "
-                    f"{doc_id!r}; the {args.tokenizer!r} tokenizer is inconsistent with its own "
-                    "vocab size -- use another --tokenizer-path"
-                )
-            split = "valid" if doc_id in valid_ids else "train"
-            builders[split].add_item(torch.from_numpy(ids_np))
-            builders[split].end_document()
-            counts[split]["documents"] += 1
-            counts[split]["tokens"] += int(ids_np.size)
-        progress.update(len(chunk))
-
-    chunk: List[tuple] = []
-    for expected_id, doc in itertools.zip_longest(doc_ids, _corpus(args)):
+    progress = _Progress(scan.split.count, f"tokenizing ({args.workers} worker(s))")
+    encoder = ChunkEncoder(args.tokenizer, tokenizer_path, dtype, args.workers)
+    fingerprint = hashlib.blake2b(digest_size=16)
+    n_docs = 0
+    with encoder, open(os.path.join(work_dir, VALID_IDS_FILE), "w", encoding="utf-8") as ids_f:
         # The corpus is read again here; if it changed since the scan, the
-        # split computed from the scan no longer describes it.
-        if doc is None or doc[0] != expected_id:
-            raise UserError(f"the input changed while it was being prepared (near document "
-                            f"{expected_id!r}); rerun prepare-data once the files are stable")
-        chunk.append(doc)
-        if len(chunk) == ENCODE_CHUNK_DOCS:
-            flush(chunk)
-            chunk = []
-    if chunk:
-        flush(chunk)
+        # split computed from the scan no longer describes it (checked below).
+        for chunk in encoder.map(_chunks(_corpus(args))):
+            offset = 0
+            for doc_id, length in zip(chunk.doc_ids, chunk.lengths.tolist()):
+                split = "valid" if scan.split.is_valid(doc_id) else "train"
+                builders[split].add_document(chunk.tokens[offset:offset + length], [length])
+                offset += length
+                counts[split]["documents"] += 1
+                counts[split]["tokens"] += length
+                fingerprint.update(doc_id.encode("utf-8") + b"\0")
+                if split == "valid":
+                    ids_f.write(json.dumps(doc_id) + "\n")
+            n_docs += len(chunk.doc_ids)
+            progress.update(len(chunk.doc_ids), offset)
     progress.close()
+    if n_docs != scan.split.count or fingerprint.hexdigest() != scan.fingerprint:
+        raise UserError("the input changed while it was being prepared (its documents differ "
+                        "from the first pass); rerun prepare-data once the files are stable")
+    _log(f"tokenized {n_docs} documents at {progress.tokens_per_s():,.0f} tokens/s "
+         f"with {args.workers} worker(s)")
     for split in SPLITS:
         builders[split].finalize(split_prefix(work_dir, split) + ".idx")
     return counts
@@ -336,14 +405,17 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
 
     _log("scanning " + (f"the Python standard library at {source}" if args.input is None
                         else "the inputs"))
-    doc_ids = [doc_id for doc_id, _ in _corpus(args)]
-    if len(set(doc_ids)) < 2:
+    scan = _scan(args)
+    if not scan.split.distinct_at_least_2:
+        n_distinct = 0 if scan.split.count == 0 else 1
         raise UserError(
-            f"the corpus ({source}) has {len(set(doc_ids))} non-empty document(s); at least 2 "
+            f"the corpus ({source}) has {n_distinct} non-empty document(s); at least 2 "
             "are needed for a train and a validation split -- pass more text via --input"
             + (" or raise --max-bytes" if args.max_bytes is not None else "")
+            + (f" ({scan.bad.summary()})" if scan.bad.skipped else "")
         )
-    valid_ids = assign_valid(doc_ids, args.valid_fraction)
+    if scan.bad.skipped or scan.bad.replaced_text_lines:
+        _log(scan.bad.summary())
 
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
@@ -351,18 +423,13 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
     shutil.rmtree(work_dir, ignore_errors=True)
     os.makedirs(work_dir)
     try:
-        n_train = sum(1 for d in doc_ids if d not in valid_ids)
-        tokenizer, tok_entry = _setup_tokenizer(args, work_dir, valid_ids, n_train)
-        counts = _write_splits(args, work_dir, tokenizer, doc_ids, valid_ids)
-        with open(os.path.join(work_dir, VALID_IDS_FILE), "w", encoding="utf-8") as f:
-            for doc_id in doc_ids:
-                if doc_id in valid_ids:
-                    f.write(json.dumps(doc_id) + "\n")
+        tokenizer, tokenizer_path, tok_entry = _setup_tokenizer(args, work_dir, scan.split)
+        counts = _write_splits(args, work_dir, tokenizer, tokenizer_path, scan)
         meta = {"format": FORMAT_VERSION, "tokenizer": tok_entry,
                 "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
                 "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
                 "train": counts["train"], "valid": counts["valid"],
-                "source": source, "args": recorded}
+                "bad_records": scan.bad.as_meta(), "source": source, "args": recorded}
         with open(os.path.join(work_dir, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -378,12 +445,28 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
     return meta
 
 
+def _refuse_bad_records_if_strict(args: argparse.Namespace, output: str) -> None:
+    """--strict must not accept an existing dataset that was built by skipping records."""
+    if not args.strict:
+        return
+    bad = load_meta(output).get("bad_records", {})
+    n_bad = bad.get("skipped", 0) + bad.get("replaced_text_lines", 0)
+    if n_bad:
+        first = (bad.get("examples") or ["?"])[0]
+        raise UserError(f"--output {output!r} was prepared from these inputs with {n_bad} bad "
+                        f"record(s) (first: {first}), which --strict refuses; fix the input and "
+                        "rerun with --force")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``locmoe-train prepare-data``; raises UserError on bad input."""
     args = build_parser().parse_args(argv)
     _check_args(args)
+    if args.workers is None:
+        args.workers = default_workers()
     output = os.path.normpath(args.output)
     if _existing_output_is_current(output, _recorded_args(args), args.force):
+        _refuse_bad_records_if_strict(args, output)
         print(f"already prepared: {output} (same options; pass --force to rebuild)")
         return 0
     start = time.monotonic()
@@ -394,6 +477,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"train {tr['documents']} docs / {tr['tokens']} tokens, "
         f"valid {va['documents']} docs / {va['tokens']} tokens, "
         f"vocab {meta['vocab_size']} ({meta['dtype']})"
+        + (f"; {meta['bad_records']['skipped']} bad record(s) skipped"
+           if meta["bad_records"]["skipped"] else "")
     )
     return 0
 

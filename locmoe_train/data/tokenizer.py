@@ -77,15 +77,16 @@ class SentencePieceTokenizer(Tokenizer):
                 "which is needed to separate documents; train it with eos_id set, or omit the "
                 "tokenizer path to train one"
             )
-        # Encoding is pure C++ and releases the GIL; use every core for batches.
-        self._threads = max(1, os.cpu_count() or 1)
+        # Encoding is pure C++ and releases the GIL; use every core for batches
+        # (prepare-data's worker processes set this to 1: they are the parallelism).
+        self.num_threads = max(1, os.cpu_count() or 1)
 
     def encode(self, text: str) -> List[int]:
         return list(self._sp.encode(text))
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         # Output is identical to per-text encode; only the work is spread.
-        return [list(ids) for ids in self._sp.encode(list(texts), num_threads=self._threads)]
+        return [list(ids) for ids in self._sp.encode(list(texts), num_threads=self.num_threads)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -21,6 +21,7 @@ from locmoe_train.data.corpus import (assign_valid, describe_default_corpus, ite
                                       limit_bytes, valid_score)
 from locmoe_train.data.dataset import (StepLoader, TokenWindows, eval_micro_batches,
                                        indexed_dataset_module)
+from locmoe_train.data.readers import BadRecords
 from locmoe_train.data.tokenizer import _training_lines, load_tokenizer, train_sentencepiece
 from locmoe_train.errors import UserError
 
@@ -116,15 +117,19 @@ def test_corpus_reads_txt_jsonl_and_directories(tmp_path):
     ]
 
 
-def test_corpus_errors_name_file_and_line(tmp_path):
+def test_corpus_bad_records_are_counted_or_strict_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: .*'text'"):
-        list(iter_documents([str(bad)]))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
+    counter = BadRecords()
+    assert list(iter_documents([str(bad), str(broken)], counter)) == [("bad.jsonl:1", "ok")]
+    assert (counter.skipped, counter.counts["missing_text"], counter.counts["invalid_json"]) \
+        == (2, 1, 1)
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: no string field 'text'.*--strict"):
+        list(iter_documents([str(bad)], BadRecords(strict=True)))
     with pytest.raises(UserError, match=r"broken\.jsonl:1: not valid JSON"):
-        list(iter_documents([str(broken)]))
+        list(iter_documents([str(broken)], BadRecords(strict=True)))
     with pytest.raises(UserError, match=r"input path .*nope.* does not exist"):
         list(iter_documents([str(tmp_path / "nope")]))
 

@@ -245,6 +245,7 @@ def test_every_file_written_needs_no_unpickler(pretrained, stage):
     assert entries[0]["dtype"] == "float32" and entries[0]["shape"] == [512, 64]
 
 
+@pytest.mark.slow  # two resumed runs and three inspections (~30 s on 2 shared cores)
 def test_format_1_checkpoint_loads_both_ways(tmp_path, tiny_data):
     """The committed format-1 fixture: its files hold only tensors and plain values, so it
     loads safely without the option. Rewritten as other code might have written it (NumPy

@@ -2,6 +2,7 @@
 megatron's tensor-parallel RNG tracker (which the dropout forks) besides torch's,
 Python's and NumPy's states, all as tensors and plain values."""
 
+import pytest
 import torch
 
 from helpers import read_metrics, run_cli
@@ -19,6 +20,7 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(str(run_dir)) if "loss" in r}
 
 
+@pytest.mark.slow  # three training runs (~30 s on 2 shared cores)
 def test_resume_with_attention_dropout_is_bit_exact(tmp_path, tiny_data):
     runs = {}
     for name, extra in [("straight", []), ("split", ["--train.exit_at_step=2"]),

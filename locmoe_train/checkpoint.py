@@ -1,19 +1,28 @@
-"""Checkpoints: atomic, resumable exactly, reshardable by parameter name.
+"""Checkpoints: atomic, resumable exactly, reshardable by parameter name, safe to load.
 
 Owns the on-disk format, saving, finding the latest valid checkpoint and
 loading it into a (possibly differently laid out) run. Does not own when to
 save (the trainer calls ``save`` every ``checkpoint.interval`` steps and on a
 clean stop).
 
-Format: ``<checkpoint.dir>/step_00000300/``
+Format 2: ``<checkpoint.dir>/step_00000300/``
 * ``shards_rank00003.pt``: the tensors this rank *owns* (one replica of each
   shard: dense parameters from DP rank 0, experts from expert-DP rank 0),
   keyed by canonical name (``model/<name>``, ``optim/<name>/exp_avg`` ...),
   with how each is sharded (``model/init.py``'s ShardInfo);
-* ``rng_rank00003.pt``: every rank's RNG states;
+* ``rng_rank00003.pt``: every rank's RNG states (torch CPU and CUDA, Python,
+  NumPy, megatron's tensor-parallel tracker), as tensors and plain values;
 * ``trainer.pt``: step, data loader position, MoE router/capacity states;
 * ``meta.json``: written last: step, resolved config, layout, package version,
-  and the index of every shard file (name, size) and every tensor's shards.
+  and the index of every shard file (name, size) and every tensor's shards
+  (file, layout, shape, dtype).
+
+Loading never runs code from a checkpoint: every ``.pt`` file holds only
+tensors and plain values and is read weights-only; a file that needs the full
+unpickler is refused unless ``checkpoint.allow_pickle`` (``checkpoint_io.py``).
+Every shard tensor is checked against its ``meta.json`` entry (shape, dtype)
+before it is used (``ShardReader``). Format 1 (before the Python/NumPy/tracker
+RNG states and the dtypes) still loads; what it lacks is not restored.
 
 Because every tensor is stored with its shard layout under a layout-free
 name, a run with other TP / EP / DP sizes rebuilds each full tensor from the
@@ -38,6 +47,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from locmoe_train.checkpoint_io import (ALLOW_PICKLE_FLAG, ALLOW_PICKLE_KEY, check_loadable,
+                                        check_plain, load_file, rng_state, set_rng_state)
 from locmoe_train.config import TrainConfig, upgrade_saved
 from locmoe_train.errors import UserError
 from locmoe_train.hooks import call as call_hooks
@@ -45,7 +56,9 @@ from locmoe_train.optim.optimizer import load_param_state, param_states
 from locmoe_train.parallel.sharding import ShardInfo, shard_info, take_shard
 from locmoe_train.parallel.state import ParallelContext
 
-FORMAT = 1
+# 2: RNG states of Python, NumPy and megatron's tracker; shard dtypes in meta.json.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 # Config sections that must match for a checkpoint to load (the model's shape).
 STRUCTURAL = {"model": ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                         "ffn_hidden_size", "moe_every", "vocab_size", "tie_embeddings"],
@@ -70,10 +83,29 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_synced(obj, path: str) -> None:
+    """``torch.save`` and fsync; ``obj`` must be tensors and plain values (``check_plain``)."""
+    check_plain(obj, os.path.basename(path))
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def other_files(meta: dict) -> list[str]:
+    """A checkpoint's ``.pt`` files other than the shards (trainer, RNG, Ada-K state)."""
+    return [f for f in meta["files"] if f.endswith(".pt") and not f.startswith("shards_")]
+
+
+def verify_tensors(path: str, meta: dict, allow_pickle: bool = False,
+                   option: str = ALLOW_PICKLE_FLAG) -> "ShardReader":
+    """Every tensor ``meta.json`` indexes, checked in its shard file (memory-mapped: no
+    tensor data is read); ``UserError`` on the first that is missing or does not match.
+    Returns the reader, with the shard files it opened."""
+    shards = ShardReader(path, meta, allow_pickle, option)
+    for key, entries in meta["tensors"].items():
+        for entry in entries:
+            shards.tensor(entry, key)
+    return shards
 
 
 def barrier(pctx: ParallelContext) -> None:
@@ -172,8 +204,11 @@ class Checkpointer:
     ``load_state_dict()`` (the data ``loader``, the MoE runtime as ``moe``).
     ``load`` restores only the parts it is given."""
 
-    def __init__(self, cfg: TrainConfig, pctx: ParallelContext, hooks=()):
+    def __init__(self, cfg: TrainConfig, pctx: ParallelContext, hooks=(),
+                 pickle_option: str = ALLOW_PICKLE_KEY):
         self.cfg, self.pctx, self.hooks = cfg, pctx, list(hooks)
+        # How the refusal of a file that needs the full unpickler names the way to allow it.
+        self.pickle_option = pickle_option
         self.dir = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
 
     # ---- save -------------------------------------------------------------
@@ -201,14 +236,12 @@ class Checkpointer:
                 tensors[key] = value
                 scalar = value.dim() == 0  # e.g. Adam's step: the same on every shard
                 index[key] = {"dim": None if scalar else info.dim, "rank": info.rank,
-                              "size": info.size,
-                              "glu": info.glu, "shape": list(value.shape)}
+                              "size": info.size, "glu": info.glu, "shape": list(value.shape),
+                              "dtype": dtype_name(value.dtype)}
         shard_file = f"shards_rank{pctx.rank:05d}.pt"
         save_synced(tensors, os.path.join(tmp, shard_file))
         call_hooks(self.hooks, "after_shards", step)
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        save_synced(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
+        save_synced(rng_state(), os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
         if self.pctx.world_size > 1:
             gathered = [None] * pctx.world_size
             dist.all_gather_object(gathered, (shard_file, index))
@@ -240,23 +273,36 @@ class Checkpointer:
     # ---- load ---------------------------------------------------------------
     def load(self, path: str, parts: dict) -> int:
         """Load ``path`` into this run's layout: the given parts only (the optimizer
-        state only when ``optimizer`` is given); returns the step to continue from."""
+        state only when ``optimizer`` is given); returns the step to continue from.
+        Every file is read with the weights-only unpickler (``load_file``)."""
         cfg, pctx = self.cfg, self.pctx
         model, optimizer = parts["model"], parts.get("optimizer")
+        allow, option = cfg.checkpoint.allow_pickle, self.pickle_option
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         check_compatible(meta["config"], cfg.to_dict(), path)
-        files: dict[str, dict] = {}
+        # The small files first: a refused one stops the run before any shard is read.
+        trainer = load_file(path, "trainer.pt", allow, option)
+        try:
+            step = int(trainer["step"])
+        except (TypeError, KeyError, ValueError, IndexError):
+            raise UserError(f"checkpoint {path}: trainer.pt holds no step: it is not a "
+                            f"trainer state of this program.") from None
+        rng_name = f"rng_rank{pctx.rank:05d}.pt"
+        same_layout = (meta["world_size"], meta["tp"], meta["ep"]) == (pctx.world_size, pctx.tp,
+                                                                       pctx.ep)
+        rng = None
+        if same_layout and os.path.exists(os.path.join(path, rng_name)):
+            rng = load_file(path, rng_name, allow, option)
+        shards = ShardReader(path, meta, allow, option)
 
-        def shard_tensor(entry, key):
-            if entry["file"] not in files:
-                files[entry["file"]] = torch.load(os.path.join(path, entry["file"]),
-                                                  map_location="cpu", mmap=True,
-                                                  weights_only=True)
-            return files[entry["file"]][key]
-
-        def full(key):
-            return _assemble(meta["tensors"][key], key, shard_tensor)
+        def full(key, info):
+            value = shards.full(key)
+            if tuple(value.shape) != tuple(info.full_shape):
+                raise UserError(f"checkpoint {path}: {key} has shape {list(value.shape)}, this "
+                                f"model needs {list(info.full_shape)}: it was saved from a "
+                                f"different model, or its meta.json was altered.")
+            return value
 
         params = dict(model.named_parameters())
         state = model.state_dict(keep_vars=True)
@@ -269,36 +315,86 @@ class Checkpointer:
                 if key not in meta["tensors"]:
                     raise UserError(f"checkpoint {path} has no tensor {info.canonical!r}: it "
                                     f"was saved from a different model.")
-                p.copy_(take_shard(full(key), info).to(p.device))
+                p.copy_(take_shard(full(key, info), info).to(p.device))
                 if name in params and optimizer is not None:
                     opt_state = {}
                     for k in ("step", "exp_avg", "exp_avg_sq"):
                         key = f"optim/{info.canonical}/{k}"
                         if key in meta["tensors"]:
-                            value = full(key)
-                            if k != "step":
-                                value = take_shard(value, info)
+                            if k == "step":
+                                value = shards.full(key)
+                            else:
+                                value = take_shard(full(key, info), info)
                             opt_state[k] = value.clone().to(p.device if k != "step" else "cpu")
                     if opt_state:
                         load_param_state(optimizer, p, opt_state)
-        trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-        files.clear()
+        shards.close()
         for name, part in parts.items():
             if name not in ("model", "optimizer") and trainer.get(name):
                 part.load_state_dict(trainer[name])
-        rng_file = os.path.join(path, f"rng_rank{pctx.rank:05d}.pt")
-        same_layout = (meta["world_size"], meta["tp"], meta["ep"]) == (pctx.world_size, pctx.tp,
-                                                                       pctx.ep)
-        if same_layout and os.path.exists(rng_file):
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+        if rng is not None:
+            set_rng_state(rng, f"checkpoint file {os.path.join(path, rng_name)}")
         elif pctx.is_main:
             print(f"note: layout changed ({meta['layout']} -> {pctx.describe()}): model, "
                   f"optimizer and data position are resharded; RNG streams restart from "
                   f"train.seed.", flush=True)
-        return int(trainer["step"])
+        return step
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: how meta.json names a tensor's dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+class ShardReader:
+    """Reads the tensors a checkpoint's ``meta.json`` indexes from its shard files
+    (memory-mapped, weights-only), checking each against its entry: a shard that is not
+    a dict of tensors, lacks a listed tensor, or holds one of another shape or dtype is
+    refused with a ``UserError`` that names the file, not a failure inside torch."""
+
+    def __init__(self, path: str, meta: dict, allow_pickle: bool = False,
+                 option: str = ALLOW_PICKLE_KEY):
+        self.path, self.meta = path, meta
+        self.allow_pickle, self.option = allow_pickle, option
+        self.files: dict[str, dict] = {}
+
+    def _refuse(self, file: str, what: str):
+        return UserError(f"checkpoint {self.path}: {file} {what}: the file was altered or "
+                         f"belongs to another checkpoint.")
+
+    def tensor(self, entry: dict, key: str) -> torch.Tensor:
+        """The stored shard ``entry`` (one item of ``meta["tensors"][key]``)."""
+        file = entry.get("file")
+        if not isinstance(file, str) or file not in self.meta.get("files", {}):
+            raise UserError(f"checkpoint {self.path}: meta.json puts {key} in {file!r}, which "
+                            f"is not one of its files.")
+        if file not in self.files:
+            obj = load_file(self.path, file, self.allow_pickle, self.option, mmap=True)
+            if type(obj) is not dict:
+                raise self._refuse(file, f"holds a {type(obj).__name__}, not a dict of tensors")
+            self.files[file] = obj
+        value = self.files[file].get(key)
+        if not isinstance(value, torch.Tensor):
+            raise self._refuse(file, f"has no tensor {key}, which meta.json lists")
+        shape, dtype = entry.get("shape"), entry.get("dtype")  # dtype: format 2 on
+        if shape is not None and list(value.shape) != list(shape):
+            raise self._refuse(file, f"holds {key} with shape {list(value.shape)}, but "
+                                     f"meta.json says {list(shape)}")
+        if dtype is not None and dtype_name(value.dtype) != dtype:
+            raise self._refuse(file, f"holds {key} as {dtype_name(value.dtype)}, but "
+                                     f"meta.json says {dtype}")
+        return value
+
+    def full(self, key: str) -> torch.Tensor:
+        """The full tensor ``key``, assembled from its shards."""
+        try:
+            return _assemble(self.meta["tensors"][key], key, self.tensor)
+        except (RuntimeError, IndexError, KeyError, TypeError) as e:  # shards that do not fit
+            raise UserError(f"checkpoint {self.path}: the shards of {key} do not fit together "
+                            f"as meta.json describes them ({e}).") from None
+
+    def close(self) -> None:
+        self.files.clear()
 
 
 def _assemble(entries: list[dict], key: str, shard_tensor) -> torch.Tensor:
@@ -315,32 +411,30 @@ def _assemble(entries: list[dict], key: str, shard_tensor) -> torch.Tensor:
     return torch.cat(parts, first["dim"])
 
 
-def read_full_tensors(path: str, prefix: str = "model/", progress=None) -> tuple[dict, dict]:
+def read_full_tensors(path: str, prefix: str = "model/", progress=None,
+                      allow_pickle: bool = False,
+                      option: str = ALLOW_PICKLE_FLAG) -> tuple[dict, dict]:
     """``(meta, {canonical name: full tensor})`` of a checkpoint, whatever layout saved it.
 
     Reads every tensor whose key starts with ``prefix`` (default: the model's
     parameters and buffers, without the optimizer state), assembled from its
     TP/EP shards; names lose the prefix and are the names in a TP=1, EP=1
     model. ``progress(n)``, if given, is called once per assembled tensor.
-    Raises ``UserError`` if ``path`` is not a complete checkpoint.
+    Raises ``UserError`` if ``path`` is not a complete checkpoint, if a shard does
+    not match meta.json, or if one of its other ``.pt`` files would need the full
+    unpickler (they are not read; ``allow_pickle`` accepts them, see ``check_loadable``).
     """
     problem = validate_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} is not usable: {problem}")
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    files: dict[str, dict] = {}
-
-    def shard_tensor(entry, key):
-        if entry["file"] not in files:
-            files[entry["file"]] = torch.load(os.path.join(path, entry["file"]),
-                                              map_location="cpu", mmap=True, weights_only=True)
-        return files[entry["file"]][key]
-
+    check_loadable(path, other_files(meta), allow_pickle, option)
+    shards = ShardReader(path, meta, allow_pickle, option)
     out = {}
-    for key, entries in meta["tensors"].items():
+    for key in meta["tensors"]:
         if key.startswith(prefix):
-            out[key[len(prefix):]] = _assemble(entries, key, shard_tensor)
+            out[key[len(prefix):]] = shards.full(key)
             if progress is not None:
                 progress(1)
     return meta, out
@@ -359,12 +453,16 @@ def validate_checkpoint(path: str, kind: Optional[str] = None) -> Optional[str]:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         return f"meta.json is unreadable ({e})"
-    if meta.get("format") != FORMAT:
-        return f"unknown checkpoint format {meta.get('format')!r}"
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        return (f"unknown checkpoint format {found!r} (this version reads "
+                f"{', '.join(map(str, READABLE_FORMATS))})")
     if meta.get("kind") != kind:
         return {None: "an Ada-K stage checkpoint, not a pre-training one (give it as adak.resume)",
                 "adak": "not an Ada-K stage checkpoint (pre-training checkpoints go to "
                         "--checkpoint)"}.get(kind, f"not a {kind} checkpoint")
+    if not isinstance(meta.get("files"), dict):
+        return "meta.json lists no files"
     for file, size in meta["files"].items():
         full = os.path.join(path, file)
         if not os.path.exists(full):
@@ -395,6 +493,9 @@ def inspect_main(argv: list[str]) -> int:
                                              "and sizes, and check that it is complete.")
     ap.add_argument("path", help="a step_* directory, or a checkpoint dir (uses 'latest')")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="unpickle a file that the safe (weights-only) loader refuses: it can "
+                         "run code from the checkpoint; only for checkpoints you trust")
     args = ap.parse_args(argv)
     path = resolve(args.path)
     problem = validate_checkpoint(path)
@@ -402,16 +503,16 @@ def inspect_main(argv: list[str]) -> int:
         raise UserError(f"checkpoint {path} is not usable: {problem}")
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    # Read every shard file back: a corrupt file fails here, not at resume time.
-    tensors = 0
-    for file in meta["files"]:
-        if file.endswith(".pt"):
-            try:
-                obj = torch.load(os.path.join(path, file), map_location="cpu", weights_only=False)
-            except Exception as e:
-                raise UserError(f"checkpoint {path}: {file} cannot be read ({e})") from None
-            if file.startswith("shards_"):
-                tensors += len(obj)
+    # Read every file back (weights-only) and every indexed tensor against meta.json:
+    # a corrupt or altered file fails here, not at resume time.
+    for file in other_files(meta):
+        load_file(path, file, args.allow_pickle, ALLOW_PICKLE_FLAG)
+    shards = verify_tensors(path, meta, args.allow_pickle, ALLOW_PICKLE_FLAG)
+    tensors = sum(len(obj) for obj in shards.files.values())
+    for file in meta["files"]:  # a shard file that meta.json indexes nothing in
+        if file.startswith("shards_") and file not in shards.files:
+            obj = load_file(path, file, args.allow_pickle, ALLOW_PICKLE_FLAG, mmap=True)
+            tensors += len(obj) if isinstance(obj, dict) else 0
     cfg = meta["config"]
     m, moe = cfg["model"], cfg["moe"]
     params = sum(_numel(e) for key, entries in meta["tensors"].items() if key.startswith("model/")

@@ -109,6 +109,11 @@ class CheckpointConfig:
     keep: int = 2
     # null = start fresh; "auto" = latest valid one in dir (fresh if none); or a path.
     resume: Optional[str] = None
+    # Checkpoint files are read with torch's weights-only unpickler: tensors and plain
+    # values, no code from the file runs. true: a file it refuses (written by other
+    # code, e.g. an older or patched version) is unpickled in full, which can run any
+    # code the file names. Only for checkpoints you trust.
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -9,9 +9,12 @@ trains. Records go to the console (``AdaKConsole``) and
 
 The trainer saves through ``StageCheckpoint.save``:
 ``<adak.out_dir>/checkpoints/step_N`` with ``state.pt`` (allocators by layer,
-AdamW state, step, data position; rank 0), ``rng_rankR.pt`` (torch RNG and
-the allocators' sampling generators) and ``meta.json`` (``kind: "adak"``)
-last. The base model is not copied: a resumed stage reloads ``--checkpoint``.
+AdamW state, step, data position; rank 0), ``rng_rankR.pt`` (the RNG states
+of ``checkpoint_io.rng_state`` and the allocators' sampling generators) and
+``meta.json`` (``kind: "adak"``) last. The base model is not copied: a
+resumed stage reloads ``--checkpoint``. Both files hold only tensors and
+plain values and load weights-only (``checkpoint_io.load_file``); a file that
+needs the full unpickler is refused unless ``--allow-pickle``.
 
 Not owned: the loop and signals (``trainer.py``), the model, the
 pre-training checkpoint format (``checkpoint.py``), process groups.
@@ -31,6 +34,7 @@ from locmoe_train.adak.allocator import install_allocators
 from locmoe_train.adak.step import AdaKStep
 from locmoe_train.checkpoint import (FORMAT, barrier, begin_step_dir, find_resume,
                                      publish_step_dir, resolve, save_synced, validate_checkpoint)
+from locmoe_train.checkpoint_io import ALLOW_PICKLE_FLAG, load_file, rng_state, set_rng_state
 from locmoe_train.errors import UserError
 
 
@@ -72,7 +76,7 @@ def build(cfg, pctx, base_path: str):
     from locmoe_train.train import build_run
 
     run = build_run(cfg, pctx)
-    Checkpointer(cfg, pctx).load(base_path, {"model": run.model})
+    Checkpointer(cfg, pctx, pickle_option=ALLOW_PICKLE_FLAG).load(base_path, {"model": run.model})
     for p in run.model.parameters():
         p.requires_grad_(False)
     run.model.eval()  # frozen: no dropout, no MoE training stats
@@ -96,9 +100,7 @@ class StageCheckpoint:
     def save(self, step: int) -> str:
         pctx, s = self.pctx, self.step_fn
         tmp, final = begin_step_dir(self.dir, step, pctx)
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-               "routers": [r.generator.get_state() for r in s.routers]}
+        rng = dict(rng_state(), routers=[r.generator.get_state() for r in s.routers])
         save_synced(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
         barrier(pctx)
         if pctx.is_main:
@@ -121,7 +123,17 @@ class StageCheckpoint:
         pctx, s = self.pctx, self.step_fn
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+        allow = self.cfg.checkpoint.allow_pickle
+        state = load_file(path, "state.pt", allow, ALLOW_PICKLE_FLAG)
+        rng_name = f"rng_rank{pctx.rank:05d}.pt"
+        rng = None
+        if meta["world_size"] == pctx.world_size and os.path.exists(os.path.join(path, rng_name)):
+            rng = load_file(path, rng_name, allow, ALLOW_PICKLE_FLAG)
+        if not isinstance(state, dict) or not all(k in state for k in
+                                                  ("step", "loader", "allocators", "optimizer")) \
+                or not all(isinstance(w, torch.Tensor) for w in state["allocators"].values()):
+            raise UserError(f"adak checkpoint {path}: state.pt is not an Ada-K stage state "
+                            f"(step, loader, allocators, optimizer).")
         saved = {l: tuple(w.shape) for l, w in state["allocators"].items()}
         wanted = {l: tuple(r.alloc_weight.shape) for l, r in zip(s.layers, s.routers)}
         if saved != wanted:
@@ -132,14 +144,15 @@ class StageCheckpoint:
                 r.alloc_weight.copy_(state["allocators"][layer])
         s.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
-        rng_file = os.path.join(path, f"rng_rank{pctx.rank:05d}.pt")
-        if meta["world_size"] == pctx.world_size and os.path.exists(rng_file):
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-            for r, g in zip(s.routers, rng["routers"]):
-                r.generator.set_state(g)
+        if rng is not None:
+            where = f"adak checkpoint file {os.path.join(path, rng_name)}"
+            set_rng_state(rng, where)
+            try:
+                for r, g in zip(s.routers, rng["routers"], strict=True):
+                    r.generator.set_state(g)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise UserError(f"{where} has no sampling state for each of the "
+                                f"{len(s.routers)} allocators ({e})") from None
         elif pctx.is_main:
             print(f"note: world size changed ({meta['world_size']} -> {pctx.world_size}): the "
                   f"allocators, optimizer and data position are restored; k sampling restarts "
@@ -241,8 +254,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--config", required=True, help="the model's YAML config, with an adak: section")
     ap.add_argument("--checkpoint", required=True,
                     help="pre-trained checkpoint: a step_* directory or a checkpoint.dir")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="unpickle a checkpoint file (of the pre-trained checkpoint or of the "
+                         "stage) that the safe (weights-only) loader refuses: it can run code "
+                         "from the file; only for checkpoints you trust "
+                         "(same as --checkpoint.allow_pickle=true)")
     args, rest = ap.parse_known_args(argv)
     cfg = load_config(args.config, parse_override_args(rest))
+    if args.allow_pickle:
+        cfg.checkpoint.allow_pickle = True
     check_supported(cfg)
     base = resolve_base_checkpoint(args.checkpoint)
     ckpt_dir = os.path.join(cfg.adak.out_dir, "checkpoints")

@@ -270,14 +270,17 @@ def _progress(total: int, desc: str):
                 mininterval=0.5)
 
 
-def _converted_state(path: str, meta: dict, cfg, plan: Plan, dtype: str) -> dict:
+def _converted_state(path: str, meta: dict, cfg, plan: Plan, dtype: str,
+                     allow_pickle: bool = False) -> dict:
     """The exported model's tensors, read from the checkpoint and converted, in ``dtype``."""
     from locmoe_train.checkpoint import read_full_tensors
 
     count = sum(1 for k in meta["tensors"] if k.startswith("model/"))
     bar = _progress(count, "reading checkpoint")
-    _, src = read_full_tensors(path, progress=bar.update)
-    bar.close()
+    try:
+        _, src = read_full_tensors(path, progress=bar.update, allow_pickle=allow_pickle)
+    finally:
+        bar.close()
     state = convert_tensors(cfg, src, plan.architecture, cfg.model.vocab_size)
     bar = _progress(len(state), "converting")
     for name in state:
@@ -291,9 +294,11 @@ def _converted_state(path: str, meta: dict, cfg, plan: Plan, dtype: str) -> dict
 
 def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
            architecture: str = "auto", dtype: str = "float32", force: bool = False,
-           log=print) -> dict:
+           log=print, allow_pickle: bool = False) -> dict:
     """Write the Hugging Face model of ``checkpoint`` to ``out_dir``; returns the summary
-    also stored as ``out_dir/locmoe_export.json``."""
+    also stored as ``out_dir/locmoe_export.json``. Only the shards are read (weights-only);
+    a checkpoint with another file that would need the full unpickler is refused
+    unless ``allow_pickle`` (then that file is still not read)."""
     try:
         import safetensors.torch
         import transformers
@@ -302,7 +307,8 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
                         f"({e}); install them with `pip install 'locmoe-train[hf]'`.") from None
     from transformers import GenerationConfig
 
-    from locmoe_train.checkpoint import validate_checkpoint
+    from locmoe_train.checkpoint import other_files, validate_checkpoint, verify_tensors
+    from locmoe_train.checkpoint_io import ALLOW_PICKLE_FLAG, check_loadable
     from locmoe_train.config import TrainConfig, from_dict, upgrade_saved
 
     if dtype not in DTYPES:
@@ -318,6 +324,10 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
                         f"directory or pass --force to replace it.")
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
+    # Before anything is written: no file that needs the full unpickler (unless
+    # allowed; it is not read either way), every shard as meta.json describes it.
+    check_loadable(path, other_files(meta), allow_pickle, ALLOW_PICKLE_FLAG)
+    verify_tensors(path, meta, allow_pickle, ALLOW_PICKLE_FLAG).close()
     cfg = from_dict(TrainConfig, upgrade_saved(meta["config"]), "")
     plan = plan_export(cfg, architecture)
     vocab_size = cfg.model.vocab_size
@@ -333,7 +343,7 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        state = _converted_state(path, meta, cfg, plan, dtype)
+        state = _converted_state(path, meta, cfg, plan, dtype, allow_pickle)
         safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"),
                                     metadata={"format": "pt"})
         eos_id = None
@@ -393,11 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32",
                     help="weight dtype (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="accept a checkpoint with a file that the safe (weights-only) loader "
+                         "refuses (pickled Python objects, which can run code); only for "
+                         "checkpoints you trust")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     export(args.checkpoint, args.out_dir, args.tokenizer, args.architecture, args.dtype,
-           args.force)
+           args.force, allow_pickle=args.allow_pickle)
     return 0

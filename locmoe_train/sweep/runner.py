@@ -212,8 +212,8 @@ class Runner:
             print(f"{tag}: skipped (completed)", flush=True)
             return "skipped"
         try:
-            lock = RunLock.try_acquire(run.dir)
-        except UserError as e:  # a lock from another host
+            lock = RunLock.try_acquire(run.dir, run.cfg.logging.take_over_lock)
+        except UserError as e:  # a lock from another host, or a failing flock
             print(f"{tag}: skipped ({e})", flush=True)
             return "busy"
         if isinstance(lock, str):

@@ -69,7 +69,7 @@ def test_a_file_system_without_flock_trains_with_a_warning(tmp_path, tiny_data, 
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
     monkeypatch.setattr(runlock.fcntl, "flock", flock)
-    monkeypatch.setattr(runlock, "_warned", set())
+    monkeypatch.setattr(runlock, "_warned", set(), raising=False)
     run_dir = str(tmp_path / "run")
     fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,TARGET", "--target", str(tmp_path)],
                         capture_output=True, text=True, check=True).stdout.split()

@@ -35,7 +35,7 @@ from locmoe_train.sweep.spec import Run, Sweep, flatten_dict
 RECORD = "sweep_run.json"
 # Config keys that do not change what a run computes: editing them never
 # makes a finished run "changed".
-IGNORED_KEYS = {"logging.console"}
+IGNORED_KEYS = {"logging.console", "logging.take_over_lock"}
 EXIT_STOPPED = {130: "SIGINT", 143: "SIGTERM"}
 
 

@@ -206,3 +206,16 @@ def test_another_flock_error_is_named_not_taken_for_in_use(tmp_path, flock_fails
         with pytest.raises(UserError) as e:
             call()
         assert str(e.value) == message
+
+
+def test_the_override_does_not_make_a_sweep_run_changed():
+    """A sweep re-run with logging.take_over_lock=true (to clear a stale lock) continues
+    its runs instead of calling them "changed": the key alters nothing they compute."""
+    from locmoe_train.config import TrainConfig
+    from locmoe_train.sweep.runner import config_changes
+
+    started, now = TrainConfig().to_dict(), TrainConfig().to_dict()
+    now["logging"]["take_over_lock"] = True
+    assert config_changes(started, now) == []
+    now["logging"]["log_interval"] = 5  # while a key that matters still counts
+    assert config_changes(started, now) == ["logging.log_interval: 10 -> 5"]

@@ -132,6 +132,9 @@ class LoggingConfig:
     # null: the run directory's name.
     wandb_name: Optional[str] = None
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    # Take over a run lock that names another host: only when no run is alive there
+    # (launch/slurm.sbatch sets it on a requeue). A held lock is never taken.
+    take_over_lock: bool = False
 
 
 @dataclass

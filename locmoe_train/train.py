@@ -184,7 +184,8 @@ def run(cfg) -> str:
     meta = data_meta(cfg.data)
     check(cfg, launched_world_size(), meta)
     # One live run per run directory (rank 0 holds the lock for its world).
-    lock = acquire(cfg.logging.run_dir) if launched_rank() in (None, 0) else None
+    lock = (acquire(cfg.logging.run_dir, cfg.logging.take_over_lock)
+            if launched_rank() in (None, 0) else None)
     t_start = time.time()
     sink = None
     try:
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             if not several_nodes():
                 # launch/local.sh: refused before torchrun starts. Not per node: a node
                 # joining a live elastic job would find its own job's lock.
-                check_free(cfg.logging.run_dir)
+                check_free(cfg.logging.run_dir, cfg.logging.take_over_lock)
             print(f"config OK for world size {world}")
             return 0
         return EXIT_CODES.get(run(cfg), 1)

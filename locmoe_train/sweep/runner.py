@@ -35,7 +35,7 @@ from locmoe_train.sweep.spec import Run, Sweep, flatten_dict
 RECORD = "sweep_run.json"
 # Config keys that do not change what a run computes: editing them never
 # makes a finished run "changed".
-IGNORED_KEYS = {"logging.console"}
+IGNORED_KEYS = {"logging.console", "logging.take_over_lock"}
 EXIT_STOPPED = {130: "SIGINT", 143: "SIGTERM"}
 
 
@@ -212,8 +212,8 @@ class Runner:
             print(f"{tag}: skipped (completed)", flush=True)
             return "skipped"
         try:
-            lock = RunLock.try_acquire(run.dir)
-        except UserError as e:  # a lock from another host
+            lock = RunLock.try_acquire(run.dir, run.cfg.logging.take_over_lock)
+        except UserError as e:  # a lock from another host, or a failing flock
             print(f"{tag}: skipped ({e})", flush=True)
             return "busy"
         if isinstance(lock, str):

@@ -1,6 +1,7 @@
 """The launch scripts end to end on one machine: two "nodes" joined by c10d
-rendezvous over loopback, the SLURM script with stub srun/scontrol, and a bad
-config failing once with status 2."""
+rendezvous over loopback, the SLURM script with stub srun/scontrol (and, on a
+requeue, the run-lock override it passes), and a bad config failing once with
+status 2."""
 
 from __future__ import annotations
 
@@ -173,3 +174,44 @@ def test_bad_config_through_wrapper_exits_2_once(tmp_path, tiny_data, env, args,
     assert err.count("error:") == 1 and message in err, err
     assert "Traceback" not in err and "torchrun" not in err
     assert not run_dir.exists()
+
+
+STUB_RECORD = """#!/usr/bin/env bash
+# Stub: record how it was called, start nothing.
+echo "$(basename "$0") $*" >> "$STUB_LOG"
+"""
+
+
+@pytest.mark.parametrize("restarts", [None, "0", "1", "3"])
+def test_slurm_requeue_passes_the_lock_override(tmp_path, restarts):
+    """A requeued job (SLURM_RESTART_COUNT > 0) takes over the killed attempt's run lock:
+    both the --check and the torchrun of every node get --logging.take_over_lock=true,
+    ahead of the user's overrides (so an explicit =false wins)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in [("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL),
+                       ("python", STUB_RECORD), ("torchrun", STUB_RECORD)]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = launch_env(SLURM_JOB_ID=4242, SLURM_JOB_NUM_NODES=2, SLURM_JOB_NODELIST="n1,n2",
+                     SLURM_SUBMIT_DIR=REPO, NPROC=1, STUB_LOG=tmp_path / "calls.log")
+    env.pop("SLURM_RESTART_COUNT", None)
+    if restarts is not None:
+        env["SLURM_RESTART_COUNT"] = restarts
+    env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
+    r = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "configs/x.yaml",
+                        "--train.max_steps=5"], cwd=str(tmp_path), env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    requeued = restarts not in (None, "0")
+    over = ["--logging.take_over_lock=true"] if requeued else []
+    args = " ".join(["--config", "configs/x.yaml", *over, "--train.max_steps=5"])
+    calls = sorted(line for line in (tmp_path / "calls.log").read_text().splitlines()
+                   if not line.startswith("srun "))
+    assert calls == sorted(
+        2 * [f"python -m locmoe_train.train --check --world-size 2 {args}"]
+        + [f"torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint="
+           f"n1:{20000 + 4242} --rdzv-id=4242 --rdzv-conf=is_host={host} --max-restarts=0 "
+           f"-m locmoe_train.train {args}" for host in (0, 1)])
+    assert ((f"requeued (SLURM_RESTART_COUNT={restarts}): passing --logging.take_over_lock=true"
+             in r.stdout) == requeued)

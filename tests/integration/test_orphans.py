@@ -3,11 +3,14 @@
 kill -9 of the agent mid-run and during start-up: within 10 s none of its
 workers is left, and none published a checkpoint. A second launch on the
 directory of a live run exits 2 naming the holder's pid and host; a lock
-left by a killed run is taken over with a warning.
+left by a killed run is taken over with a warning. Under a torchrun agent that is
+PID 1 of its pid namespace (a container's exec-form entrypoint) workers start and
+train; a worker adopted by an init (PID 1 that is not its agent) exits at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -125,3 +128,64 @@ def test_agent_killed_during_start_up_takes_its_workers(tmp_path, tiny_data):
         if agent.poll() is None:
             agent.kill()
     assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+
+
+# --- the agent as PID 1, as under a container's exec-form `torchrun ...` entrypoint ---
+
+def _as_pid_1() -> list[str]:
+    """A command prefix that runs its command as PID 1 of a new pid namespace."""
+    tries = [["unshare", "--pid", "--fork", "--mount-proc"],
+             ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]]
+    errors = []
+    for prefix in tries:
+        try:
+            r = subprocess.run(prefix + ["true"], capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            pytest.skip("unshare (util-linux) is not installed: no new pid namespace, so no "
+                        "process can be made PID 1 here")
+        if r.returncode == 0:
+            return prefix
+        errors.append(r.stderr.strip())
+    pytest.skip(f"unshare --pid is not permitted here ({'; '.join(errors)}): no process can "
+                f"be made PID 1 of a new pid namespace")
+
+
+WORKER = ("import os; from locmoe_train.parallel.orphan import die_with_launcher; "
+          "die_with_launcher(); print(f'alive, parent {os.getppid()}', flush=True)")
+# Waits until its first parent (the subshell SUB) has exited, so that it is adopted
+# by PID 1 before it looks: an agent that died before its worker started.
+ORPHAN = ("import os, time\n"
+          "while os.getppid() == int(os.environ['SUB']): time.sleep(0.01)\n" + WORKER)
+INIT = '( s=$BASHPID; SUB=$s python -c "$ORPHAN" 2>&1 & ) | cat'
+
+
+def test_pid_1_is_the_agent_or_an_init_that_adopted_an_orphan():
+    prefix = _as_pid_1()
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="pid1-test", ORPHAN=ORPHAN)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    # PID 1 is the Python process that started the worker, as a torchrun agent is.
+    agent = ("import subprocess, sys; "
+             "sys.exit(subprocess.call([sys.executable, '-c', sys.argv[1]]))")
+    r = subprocess.run(prefix + [sys.executable, "-c", agent, WORKER], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "alive, parent 1\n", "")
+    # PID 1 is an init (a shell) that adopted the worker of an agent already gone.
+    r = subprocess.run(prefix + ["bash", "-c", INIT], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.stdout == (f"error: the torchrun agent is gone (this worker was adopted by PID 1, "
+                        f"'bash -c {INIT}', which is not a torchrun agent); this worker exits.\n")
+
+
+def test_torchrun_as_pid_1_trains(tmp_path, tiny_data):
+    prefix = _as_pid_1()
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run(
+        prefix + [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                  "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                  "-m", "locmoe_train.train", *ARGS, "--parallel.ep=1", "--train.max_steps=2",
+                  f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "done: completed after 2 steps" in r.stdout
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["outcome"] == "completed"

@@ -194,15 +194,19 @@ def clear_leftovers(output: str, log: Callable[[str], None]) -> None:
         if owner_host != host:
             log(f"leaving {work_dir} alone: it belongs to a run on host {owner_host} (pid "
                 f"{pid}), which cannot be checked from here; delete it once that run is gone")
-        elif _still_running(pid, work_dir):
+            continue
+        try:
+            running = _still_running(pid, work_dir)
+        except FileNotFoundError:
+            continue  # its run just finished and renamed it into place
+        if running:
             raise UserError(
                 f"another prepare-data (pid {pid}) is writing --output {output!r} (work "
                 f"directory {work_dir!r}); wait for it to finish or choose another --output "
                 f"(if pid {pid} is not a prepare-data run, delete {work_dir!r})")
-        else:
-            shutil.rmtree(work_dir)
-            log(f"removed {work_dir}: the incomplete work directory of a run that was killed "
-                f"(pid {pid} no longer runs)")
+        shutil.rmtree(work_dir)
+        log(f"removed {work_dir}: the incomplete work directory of a run that was killed "
+            f"(pid {pid} no longer runs)")
 
 
 def make_work_dir(output: str) -> str:

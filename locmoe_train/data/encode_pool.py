@@ -133,7 +133,7 @@ def _stall_from_env() -> Optional[Tuple[int, str]]:
     return int(index), path
 
 
-def stall_here(index: int, stall: Optional[Tuple[int, str]]) -> None:
+def _stall_here(index: int, stall: Optional[Tuple[int, str]]) -> None:
     """The test hook (``STALL_ENV``): report this pid and wait, at chunk ``index``."""
     if stall is None or stall[0] != index:
         return
@@ -148,7 +148,7 @@ def _encode_in_worker(item: Tuple[int, List[Document]]) -> EncodedChunk:
     if _WORKER_INIT_ERROR is not None:
         raise _WORKER_INIT_ERROR
     assert _WORKER_ENCODING is not None, "the executor's initializer did not run"
-    stall_here(index, _WORKER_STALL)
+    _stall_here(index, _WORKER_STALL)
     return _WORKER_ENCODING.encode(chunk)
 
 
@@ -220,7 +220,7 @@ class ChunkEncoder:
     def _map_local(self, chunks: Iterable[List[Document]]) -> Iterator[EncodedChunk]:
         assert self._local is not None
         for index, chunk in enumerate(chunks):
-            stall_here(index, self._stall)
+            _stall_here(index, self._stall)
             yield self._local.encode(chunk)
 
     def _map_on_pool(self, chunks: Iterable[List[Document]]) -> Iterator[EncodedChunk]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -429,13 +430,21 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No float setting means anything at inf or NaN (none is a "no limit"), and
+            # range checks like `lr > 0` let inf through.
+            if not math.isfinite(number):
+                raise UserError(f"{path}={number} is not a finite number; every number in the "
+                                f"config must be finite: give a finite value.")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

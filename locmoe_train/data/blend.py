@@ -1,15 +1,27 @@
 """Weighted blends of prepared datasets (``data.blend``).
 
 A blend draws each global sample position from one of K prepared
-directories. The source of position ``p`` is chosen greedily so that every
-prefix of the sample stream stays as close to the weights as it can: ``p``
-goes to the source with the largest deficit ``w_k * (p + 1) - n_k``, where
-``n_k`` counts the samples source k has given so far (ties to the lower
-index). This is the rule megatron-core's ``BlendedDataset`` uses to build
-its blending index; here it runs step by step from counters kept in the
-loader state, so no index over the whole run is built or cached, and the
-shares after any number of samples are within one sample per source of the
-weights.
+directories. The sources are apportioned by Tijdeman's rule (R. Tijdeman,
+"The chairman assignment problem", Discrete Mathematics 32, 1980): with
+``d = 1 - 1/(2K - 2)`` and ``n_k`` the samples source k has given before
+position ``t`` (1-based), the sources that may take ``t`` are those with
+``w_k * t - n_k >= 1 - d``, and among them ``t`` goes to the one whose next
+deadline ``(n_k + d) / w_k`` is earliest (ties to the lower index). The
+theorem: after every number of samples ``t``, every source's count is within
+``d`` of ``w_k * t`` -- 1/2 for two sources, 3/4 for three, below one sample
+for any K. The rule runs in exact integer arithmetic on the weights as
+stored (normalised floats, renormalised exactly), so float rounding cannot
+break the bound or make two machines disagree. It runs step by step from
+counters kept in the loader state, so no index over the whole run is built
+or cached.
+
+The greedy rule megatron-core's ``BlendedDataset`` uses (the source with the
+largest deficit ``w_k * t - n_k``) was used here before; from 5 sources on it
+does not keep every source within one sample (weights 1:1:9:26:39 leave the
+fourth 1.03 samples behind after 41 samples; random 7-part blends reach 1.2). A
+checkpoint written under it resumes with its counts, which are still valid;
+the samples after the resume are the new rule's, so they differ from what the
+old version would have drawn.
 
 Inside a source the order is the single-dataset loader's: the j-th sample
 source k gives is window ``perm_{k,e}[j % N_k]`` with ``e = j // N_k`` and
@@ -23,14 +35,18 @@ Why not megatron-core's ``BlendedMegatronDatasetBuilder``: it builds its
 caches them on disk, with its own windowing over documents. Our guarantees
 (order a function of the seed and the global position, a one-counter
 resumable state, windows that match ``data.path`` runs exactly) would have
-to be rebuilt on top of it; the blending rule is all we need from it.
+to be rebuilt on top of it, and its greedy blending rule has no bound below one
+sample (above).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -39,6 +55,10 @@ import torch
 from locmoe_train.data.dataset import StepLoader, _check_dp, _check_positive_int
 from locmoe_train.data.layout import check_batch_layout
 from locmoe_train.errors import UserError
+
+
+# Recorded in the loader state; checkpoints without it used the greedy rule.
+BLEND_RULE = "tijdeman"
 
 
 def source_name(src) -> str:
@@ -55,9 +75,9 @@ def check_blend_config(blend: Sequence) -> None:
         if not src.path:
             raise UserError(f"data.blend[{i}] has no path: give the directory written by "
                             f"`locmoe-train prepare-data`.")
-        if not src.weight > 0:
-            raise UserError(f"data.blend[{i}].weight={src.weight} must be > 0 (weights are "
-                            f"normalised to sum to 1).")
+        if not (math.isfinite(src.weight) and src.weight > 0):
+            raise UserError(f"data.blend[{i}].weight={src.weight} must be a finite number > 0 "
+                            f"(weights are normalised to sum to 1).")
         names.append(source_name(src))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -127,14 +147,41 @@ def open_blend(data_cfg) -> List[BlendPart]:
             for s in data_cfg.blend]
 
 
+def _integer_weights(weights: np.ndarray) -> List[int]:
+    """Integers ``a_k`` with ``a_k / sum(a)`` exactly the float weights renormalised."""
+    fracs = [Fraction(float(w)) for w in weights]
+    scale = max(f.denominator for f in fracs)  # powers of two: the largest is a multiple
+    return [int(f * scale) for f in fracs]
+
+
 def assign_sources(weights: np.ndarray, counts: np.ndarray, start: int, count: int) -> np.ndarray:
     """Sources of global positions ``[start, start + count)``, given the per-source counts
-    ``counts`` of the positions before ``start`` (updated in place)."""
-    out = np.empty(count, dtype=np.int64)
+    ``counts`` of the positions before ``start`` (updated in place); Tijdeman's rule."""
+    K = len(weights)
+    out = np.zeros(count, dtype=np.int64)
+    if K == 1:
+        counts[0] += count
+        return out
+    a = _integer_weights(weights)
+    D = sum(a)
+    n = [int(c) for c in counts]  # Python ints: the products below overflow int64
+    m = 2 * K - 2  # d = (m - 1) / m
     for i in range(count):
-        k = int(np.argmax(weights * (start + i + 1) - counts))
-        out[i] = k
-        counts[k] += 1
+        t = start + i + 1
+        best, best_num = -1, 0
+        for k in range(K):
+            # May take t: a_k t / D - n_k >= 1 / m. Deadline (n_k + d) / w_k, compared as
+            # (m n_k + m - 1) / a_k by cross-multiplying.
+            if m * (a[k] * t - n[k] * D) >= D:
+                num = m * n[k] + m - 1
+                if best < 0 or num * a[best] < best_num * a[k]:
+                    best, best_num = k, num
+        # Some source may always take t: the slacks a_k t / D - n_k sum to 1, so the
+        # largest is >= 1/K >= 1/m.
+        assert best >= 0, (weights, counts, t)
+        out[i] = best
+        n[best] += 1
+    counts[:] = n
     return out
 
 
@@ -196,7 +243,7 @@ class BlendLoader:
     def state_dict(self) -> Dict[str, Any]:
         return {"consumed_samples": int(self.consumed_samples), "seed": self.seed,
                 "global_batch_size": self.global_batch_size,
-                "blend": {"names": list(self.names),
+                "blend": {"names": list(self.names), "rule": BLEND_RULE,
                           "weights": [float(w) for w in self.weights],
                           "consumed": [int(c) for c in self.consumed_per_source]}}
 
@@ -222,5 +269,11 @@ class BlendLoader:
         if int(consumed.sum()) != int(state["consumed_samples"]):
             raise UserError("the checkpoint's data-loader state is inconsistent (per-source "
                             "counts do not add up); the checkpoint is damaged")
+        if blend.get("rule") != BLEND_RULE and self.dp_rank == 0:
+            print(f"note: the checkpoint's blend was drawn by the greedy rule of earlier "
+                  f"versions; its {int(consumed.sum())} samples so far stand, and from here on "
+                  f"Tijdeman's rule picks the sources (see locmoe_train/data/blend.py), so the "
+                  f"samples that follow differ from those the earlier version would draw.",
+                  file=sys.stderr, flush=True)
         self.consumed_samples = int(state["consumed_samples"])
         self.consumed_per_source = consumed

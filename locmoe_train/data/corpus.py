@@ -89,26 +89,31 @@ def _iter_file(path: str, doc_id: str, bad: BadRecords, *, in_directory: bool
         yield (doc_id if part == 1 else f"{doc_id}#{part}"), text
 
 
-def _iter_path(path: str, bad: BadRecords) -> Iterator[Document]:
-    """Documents of one user-given input path."""
+def input_files(path: Optional[str]) -> List[Tuple[str, str]]:
+    """``(file, doc id stem)`` of every file one input path is read from, in reading
+    order; ``None``: the default corpus. What ``iter_documents`` reads, and what
+    ``prepare-data`` stamps (size, mtime) to notice changed inputs."""
+    if path is None:
+        root = describe_default_corpus()
+        if not os.path.isdir(root):
+            raise UserError(
+                f"the default corpus (Python standard library at {root!r}) is missing on this "
+                "machine; pass your own text with --input"
+            )
+        return [(full, f"stdlib/{rel}") for full, rel in _walk_sorted(root, (".py",))]
     norm = os.path.normpath(path)
     base = os.path.basename(os.path.abspath(norm))
     if os.path.isdir(norm):
-        for full, rel in _walk_sorted(norm, TEXT_SUFFIXES + JSONL_SUFFIXES):
-            yield from _iter_file(full, f"{base}/{rel}", bad, in_directory=True)
-    else:
-        yield from _iter_file(norm, base, bad, in_directory=False)
+        return [(full, f"{base}/{rel}")
+                for full, rel in _walk_sorted(norm, TEXT_SUFFIXES + JSONL_SUFFIXES)]
+    return [(norm, base)]
 
 
-def _iter_stdlib(bad: BadRecords) -> Iterator[Document]:
-    root = describe_default_corpus()
-    if not os.path.isdir(root):
-        raise UserError(
-            f"the default corpus (Python standard library at {root!r}) is missing on this "
-            "machine; pass your own text with --input"
-        )
-    for full, rel in _walk_sorted(root, (".py",)):
-        yield from _iter_file(full, f"stdlib/{rel}", bad, in_directory=True)
+def _iter_path(path: Optional[str], bad: BadRecords) -> Iterator[Document]:
+    """Documents of one user-given input path (``None``: the default corpus)."""
+    in_directory = path is None or os.path.isdir(path)
+    for full, doc_id in input_files(path):
+        yield from _iter_file(full, doc_id, bad, in_directory=in_directory)
 
 
 def iter_documents(inputs: Optional[List[str]],
@@ -121,7 +126,7 @@ def iter_documents(inputs: Optional[List[str]],
     bad = bad if bad is not None else BadRecords()
     source: Iterable[Document]
     if inputs is None:
-        source = _iter_stdlib(bad)
+        source = _iter_path(None, bad)
     else:
         if not inputs:
             raise UserError("--input was given no paths; pass files/directories or omit --input")

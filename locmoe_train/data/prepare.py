@@ -22,7 +22,8 @@ written in corpus order -- so memory does not grow with the input and the
 output does not depend on the number of workers.
 Everything is written to a temporary sibling directory that is renamed into
 place only when complete: a crash never leaves a directory that has a
-``meta.json`` but partial data. Re-running with the same options is a no-op.
+``meta.json`` but partial data. Re-running with the same options on unchanged
+inputs is a no-op (``output_dir.py``: that check, killed runs' leftovers, the swap).
 
 ``load_meta(data_dir)`` validates a prepared directory for the trainer.
 Run as ``locmoe-train prepare-data`` or ``python -m locmoe_train.data.prepare``.
@@ -43,7 +44,10 @@ import numpy as np
 
 from locmoe_train.data.corpus import (Document, ValidSplit, describe_default_corpus,
                                       iter_documents, limit_bytes)
-from locmoe_train.data.encode_pool import ChunkEncoder, default_workers
+from locmoe_train.data.encode_pool import ChunkEncoder, WorkerDied, default_workers
+from locmoe_train.data.output_dir import (clear_leftovers, existing_output_note, input_stamp,
+                                          make_work_dir, publish, recorded_args,
+                                          refuse_bad_records_if_strict)
 from locmoe_train.data.readers import BadRecords
 from locmoe_train.data.tokenizer import (TOKENIZER_KINDS, Tokenizer, load_tokenizer,
                                          train_sentencepiece)
@@ -170,6 +174,12 @@ class _Progress:
         if self._bar is not None:
             self._bar.close()
 
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()  # also on an error, so its message does not follow the bar's line
+
 
 def _log(msg: str) -> None:
     print(f"prepare-data: {msg}", file=sys.stderr, flush=True)
@@ -240,61 +250,18 @@ def _check_args(args: argparse.Namespace) -> None:
                         "existing tokenizer, or omit it to train a SentencePiece model")
 
 
-def _recorded_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The options that determine the output; what 'already prepared' compares.
-
-    --workers and --strict are left out: neither changes the bytes written.
-    """
-    return {
-        "input": None if args.input is None else [os.path.abspath(p) for p in args.input],
-        "tokenizer": args.tokenizer,
-        "tokenizer_path": None if args.tokenizer_path is None
-        else os.path.abspath(args.tokenizer_path),
-        "vocab_size": args.vocab_size,
-        "valid_fraction": args.valid_fraction,
-        "max_bytes": args.max_bytes,
-        "seed": args.seed,
-    }
-
-
-def _existing_output_is_current(output: str, recorded: Dict[str, Any], force: bool) -> bool:
-    """True if ``output`` already holds this exact dataset; errors if it holds something else."""
-    if not os.path.exists(output):
-        return False
-    if not os.path.isdir(output):
-        raise UserError(f"--output {output!r} is a file, not a directory; choose another --output")
-    if force:
-        return False
-    if not os.path.exists(os.path.join(output, META_FILE)):
-        if not os.listdir(output):
-            return False  # an empty directory is free to use
-        raise UserError(
-            f"--output {output!r} exists and is not a prepared dataset (no {META_FILE}); pass "
-            "--force to replace its contents or choose another --output"
-        )
-    old = load_meta(output).get("args", {})
-    if old == recorded:
-        return True
-    changed = ", ".join(
-        f"{key}: {old.get(key)!r} -> {recorded.get(key)!r}"
-        for key in sorted(set(old) | set(recorded)) if old.get(key) != recorded.get(key)
-    )
-    raise UserError(
-        f"--output {output!r} already holds data prepared with different options ({changed}); "
-        "pass --force to overwrite it or choose another --output"
-    )
-
-
 def _corpus(args: argparse.Namespace, bad: Optional[BadRecords] = None) -> Iterator[Document]:
     return limit_bytes(iter_documents(args.input, bad), args.max_bytes)
 
 
 class _Scan(NamedTuple):
-    """What the first streaming pass learns: the split, a fingerprint, bad records."""
+    """What the first streaming pass learns: the split, a fingerprint, bad records, and
+    the input files' stamp (taken just before)."""
 
     split: ValidSplit
     fingerprint: str
     bad: BadRecords
+    stamp: List[Dict[str, Any]]
 
 
 def _fingerprint(doc_ids: Iterable[str]) -> str:
@@ -306,6 +273,7 @@ def _fingerprint(doc_ids: Iterable[str]) -> str:
 
 def _scan(args: argparse.Namespace) -> _Scan:
     """Read the corpus once, keeping only constant-size state (no document list)."""
+    stamp = input_stamp(args.input)
     split = ValidSplit(args.valid_fraction)
     bad = BadRecords(strict=args.strict)
 
@@ -314,7 +282,7 @@ def _scan(args: argparse.Namespace) -> _Scan:
             split.observe(doc_id)
             yield doc_id
 
-    return _Scan(split, _fingerprint(observed()), bad)
+    return _Scan(split, _fingerprint(observed()), bad, stamp)
 
 
 def _setup_tokenizer(args, work_dir: str, split: ValidSplit):
@@ -370,7 +338,8 @@ def _write_splits(args, work_dir: str, tokenizer: Tokenizer, tokenizer_path: str
     encoder = ChunkEncoder(args.tokenizer, tokenizer_path, dtype, args.workers)
     fingerprint = hashlib.blake2b(digest_size=16)
     n_docs = 0
-    with encoder, open(os.path.join(work_dir, VALID_IDS_FILE), "w", encoding="utf-8") as ids_f:
+    with progress, encoder, open(os.path.join(work_dir, VALID_IDS_FILE), "w",
+                                 encoding="utf-8") as ids_f:
         # The corpus is read again here; if it changed since the scan, the
         # split computed from the scan no longer describes it (checked below).
         for chunk in encoder.map(_chunks(_corpus(args))):
@@ -386,10 +355,11 @@ def _write_splits(args, work_dir: str, tokenizer: Tokenizer, tokenizer_path: str
                     ids_f.write(json.dumps(doc_id) + "\n")
             n_docs += len(chunk.doc_ids)
             progress.update(len(chunk.doc_ids), offset)
-    progress.close()
-    if n_docs != scan.split.count or fingerprint.hexdigest() != scan.fingerprint:
-        raise UserError("the input changed while it was being prepared (its documents differ "
-                        "from the first pass); rerun prepare-data once the files are stable")
+    if (n_docs != scan.split.count or fingerprint.hexdigest() != scan.fingerprint
+            or input_stamp(args.input) != scan.stamp):
+        raise UserError("the input changed while it was being prepared (its documents, sizes "
+                        "or modification times differ from the first pass); rerun prepare-data "
+                        "once the files are stable")
     _log(f"tokenized {n_docs} documents at {progress.tokens_per_s():,.0f} tokens/s "
          f"with {args.workers} worker(s)")
     for split in SPLITS:
@@ -400,7 +370,7 @@ def _write_splits(args, work_dir: str, tokenizer: Tokenizer, tokenizer_path: str
 def prepare(args: argparse.Namespace) -> Dict[str, Any]:
     """Build the dataset described by parsed ``args`` in ``args.output``; return its meta."""
     output = os.path.normpath(args.output)
-    recorded = _recorded_args(args)
+    recorded = recorded_args(args)
     source = describe_default_corpus() if args.input is None else recorded["input"]
 
     _log("scanning " + (f"the Python standard library at {source}" if args.input is None
@@ -417,45 +387,29 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
     if scan.bad.skipped or scan.bad.replaced_text_lines:
         _log(scan.bad.summary())
 
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    work_dir = f"{os.path.abspath(output)}.tmp-{os.getpid()}"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    os.makedirs(work_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    work_dir = make_work_dir(output)
     try:
         tokenizer, tokenizer_path, tok_entry = _setup_tokenizer(args, work_dir, scan.split)
-        counts = _write_splits(args, work_dir, tokenizer, tokenizer_path, scan)
+        try:
+            counts = _write_splits(args, work_dir, tokenizer, tokenizer_path, scan)
+        except WorkerDied as exc:  # the work directory goes below; say what is left
+            state = "left as it was" if os.path.exists(output) else "not created"
+            raise WorkerDied(f"{exc}. --output {output!r} was {state}; rerun with fewer --workers"
+                             " (each holds a tokenizer and 2 chunks) or more memory") from exc
         meta = {"format": FORMAT_VERSION, "tokenizer": tok_entry,
                 "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
                 "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
                 "train": counts["train"], "valid": counts["valid"],
-                "bad_records": scan.bad.as_meta(), "source": source, "args": recorded}
+                "bad_records": scan.bad.as_meta(), "source": source, "args": recorded,
+                "inputs": scan.stamp}
         with open(os.path.join(work_dir, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        # Swap in atomically: the old directory (--force) is moved aside first
-        # and deleted only once the new one is in place.
-        trash = f"{os.path.abspath(output)}.old-{os.getpid()}"
-        if os.path.exists(output):
-            os.rename(output, trash)
-        os.rename(work_dir, output)
-        shutil.rmtree(trash, ignore_errors=True)
+        publish(work_dir, output)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return meta
-
-
-def _refuse_bad_records_if_strict(args: argparse.Namespace, output: str) -> None:
-    """--strict must not accept an existing dataset that was built by skipping records."""
-    if not args.strict:
-        return
-    bad = load_meta(output).get("bad_records", {})
-    n_bad = bad.get("skipped", 0) + bad.get("replaced_text_lines", 0)
-    if n_bad:
-        first = (bad.get("examples") or ["?"])[0]
-        raise UserError(f"--output {output!r} was prepared from these inputs with {n_bad} bad "
-                        f"record(s) (first: {first}), which --strict refuses; fix the input and "
-                        "rerun with --force")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -465,9 +419,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.workers is None:
         args.workers = default_workers()
     output = os.path.normpath(args.output)
-    if _existing_output_is_current(output, _recorded_args(args), args.force):
-        _refuse_bad_records_if_strict(args, output)
-        print(f"already prepared: {output} (same options; pass --force to rebuild)")
+    clear_leftovers(output, _log)
+    note = existing_output_note(output, recorded_args(args), input_stamp(args.input),
+                                args.force)
+    if note is not None:
+        refuse_bad_records_if_strict(args.strict, output)
+        print(f"already prepared: {output} ({note})")
         return 0
     start = time.monotonic()
     meta = prepare(args)

@@ -46,17 +46,67 @@ def rows(micro_batches):
     return torch.cat(micro_batches).tolist()
 
 
-def test_every_prefix_stays_within_one_sample_of_the_weights():
+def deviations(weights, sources):
+    """|count_k(t) - w_k t| for every prefix length t = 1..len(sources) and source k."""
+    w = np.asarray(weights, dtype=np.float64)
+    onehot = np.zeros((len(sources), len(w)))
+    onehot[np.arange(len(sources)), sources] = 1
+    return np.abs(onehot.cumsum(axis=0) - np.outer(np.arange(1, len(sources) + 1), w))
+
+
+def tijdeman_bound(k: int) -> float:
+    return 1 - 1 / (2 * k - 2)
+
+
+def test_every_prefix_stays_within_tijdemans_bound_of_the_weights():
     w = np.array([0.2, 0.5, 0.3])
     counts = np.zeros(3, dtype=np.int64)
     sources = np.concatenate([assign_sources(w, counts, start, 7) for start in range(0, 700, 7)])
-    seen = np.zeros(3)
-    for p, k in enumerate(sources):
-        seen[k] += 1
-        assert np.all(np.abs(seen - w * (p + 1)) < 1.0), (p, seen)
+    assert deviations(w, sources).max() <= 0.75  # 1 - 1/(2K - 2) for K = 3
     assert counts.tolist() == [140, 350, 210]
-    # The first positions, by hand: deficits 0.5 > 0.3 > 0.2 -> source 1, then ...
-    assert sources[:10].tolist() == [1, 2, 0, 1, 1, 2, 1, 0, 2, 1]
+    # By hand (d = 3/4; may take t: w t - n >= 1/4; earliest (n + d) / w wins):
+    # t=1: sources 1, 2 may, deadlines 1.5 < 2.5 -> 1; t=2: 0 (3.75) and 2 (2.5) -> 2;
+    # t=3: 0 (3.75) and 1 (3.5) -> 1; t=4: only 0 may (w t - n = 0.8, 0, 0.2) -> 0.
+    assert sources[:10].tolist() == [1, 2, 1, 0, 1, 2, 1, 0, 2, 1]
+    # The assignment depends only on the position, not on how it is cut into steps.
+    again = assign_sources(w, np.zeros(3, dtype=np.int64), 0, 700)
+    assert again.tolist() == sources.tolist()
+
+
+def test_five_sources_that_the_greedy_rule_left_over_one_sample_behind():
+    w = np.array([1, 1, 9, 26, 39], dtype=np.float64)
+    w /= w.sum()
+    sources = assign_sources(w, np.zeros(5, dtype=np.int64), 0, 100_000)
+    dev = deviations(w, sources)
+    # The greedy rule (largest w t - n first) had source 3 at 1.03 after 41 samples.
+    assert dev[40].max() < 1
+    assert dev.max() <= tijdeman_bound(5) + 1e-9  # 7/8
+    assert dev.max() > 0.8  # the bound is nearly reached: the test measures something
+
+
+def test_random_blends_of_5_to_9_sources_stay_within_the_bound():
+    rng = np.random.default_rng(2024)
+    worst = {}
+    for _ in range(60):
+        k = int(rng.integers(5, 10))
+        w = rng.random(k) ** 3 + 1e-3  # skewed: a few large parts, several small ones
+        w /= w.sum()
+        counts = np.zeros(k, dtype=np.int64)
+        sources = np.concatenate([assign_sources(w, counts, s, 50) for s in range(0, 1500, 50)])
+        dev = deviations(w, sources).max()
+        assert dev <= tijdeman_bound(k) + 1e-9, (w.tolist(), dev)
+        worst[k] = max(worst.get(k, 0.0), dev)
+    assert max(worst.values()) < 1 and sorted(worst) == list(range(5, 10))
+
+
+def test_two_sources_stay_within_half_a_sample_and_one_source_takes_all():
+    for w0 in (0.3, 0.5, 0.01, 1 / 3):
+        w = np.array([w0, 1 - w0])
+        sources = assign_sources(w, np.zeros(2, dtype=np.int64), 0, 3000)
+        assert deviations(w, sources).max() <= 0.5 + 1e-9
+    counts = np.array([5], dtype=np.int64)
+    assert assign_sources(np.array([1.0]), counts, 5, 4).tolist() == [0, 0, 0, 0]
+    assert counts.tolist() == [9]
 
 
 def test_shares_match_the_weights_over_a_long_run():
@@ -97,8 +147,8 @@ def test_resume_continues_exactly_at_another_data_parallel_size():
     for _ in range(4):
         first.next_step()
     state = first.state_dict()
-    assert state["blend"] == {"names": ["src0", "src1"], "weights": [0.3, 0.7],
-                              "consumed": [10, 22]}
+    assert state["blend"] == {"names": ["src0", "src1"], "rule": "tijdeman",
+                              "weights": [0.3, 0.7], "consumed": [10, 22]}
     ranks = [loader(dp_rank=r, dp_size=2) for r in range(2)]
     for ld in ranks:
         ld.load_state_dict(state)
@@ -127,8 +177,10 @@ def test_resume_refuses_another_blend_or_a_single_dataset_state():
 @pytest.mark.parametrize("blend, message", [
     ("[]", "data.blend is empty: list at least one {path: DIR, weight: W}, or remove "
            "data.blend and set data.path."),
-    ("[{path: a, weight: 0}]", "data.blend[0].weight=0.0 must be > 0 (weights are normalised "
-                               "to sum to 1)."),
+    ("[{path: a, weight: 0}]", "data.blend[0].weight=0.0 must be a finite number > 0 (weights "
+                               "are normalised to sum to 1)."),
+    ("[{path: a, weight: -2}]", "data.blend[0].weight=-2.0 must be a finite number > 0 "
+                                "(weights are normalised to sum to 1)."),
     ("[{weight: 1}]", "data.blend[0] has no path: give the directory written by `locmoe-train "
                       "prepare-data`."),
     ("[{path: x/a}, {path: y/a}]", "data.blend has two parts named 'a': give them distinct "
@@ -140,6 +192,49 @@ def test_bad_blend_configs_are_refused(blend, message):
     with pytest.raises(UserError) as e:
         load_config(None, [f"data.blend={blend}"])
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("weight, shown", [(".inf", "inf"), (".nan", "nan"), ("-.inf", "-inf"),
+                                           ("inf", "inf")])
+def test_a_blend_weight_that_is_not_finite_is_refused_from_yaml(tmp_path, weight, shown):
+    """.inf used to pass `> 0`, normalise every weight to NaN and give one part every sample."""
+    path = tmp_path / "blend.yaml"
+    path.write_text(f"data:\n  blend:\n    - {{path: d/web, weight: 1}}\n"
+                    f"    - {{path: d/code, weight: {weight}}}\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    assert str(e.value) == (f"data.blend[1].weight={shown} is not a finite number; every number "
+                            f"in the config must be finite: give a finite value.")
+
+
+def test_check_blend_config_refuses_an_infinite_weight_set_in_code():
+    """Configs built in code skip YAML coercion; the blend check refuses inf there too."""
+    from locmoe_train.config import BlendSource
+    from locmoe_train.data.blend import check_blend_config
+
+    with pytest.raises(UserError) as e:
+        check_blend_config([BlendSource(path="a", weight=1.0),
+                            BlendSource(path="b", weight=float("inf"))])
+    assert str(e.value) == ("data.blend[1].weight=inf must be a finite number > 0 (weights are "
+                            "normalised to sum to 1).")
+
+
+def test_a_checkpoint_of_the_greedy_rule_resumes_with_a_note(capsys):
+    """Old checkpoints have no "rule": their counts stand and the new rule goes on."""
+    first = loader()
+    for _ in range(4):
+        first.next_step()
+    state = first.state_dict()
+    del state["blend"]["rule"]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert ("note: the checkpoint's blend was drawn by the greedy rule of earlier versions; "
+            "its 32 samples so far stand") in capsys.readouterr().err
+    assert resumed.samples_per_source() == {"src0": 10, "src1": 22}
+    current = loader()
+    current.load_state_dict(first.state_dict())
+    assert capsys.readouterr().err == ""
+    assert rows(resumed.next_step()) == rows(current.next_step()) == rows(first.next_step())
 
 
 def test_blend_config_parses_from_an_override():

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
-from multiprocessing.pool import ThreadPool
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -117,7 +117,7 @@ def test_bounded_ordered_map_keeps_order_and_a_bounded_window():
             pulled.append(i)
             yield i
 
-    with ThreadPool(3) as pool:
+    with ThreadPoolExecutor(3) as pool:
         out = []
         for result in bounded_ordered_map(pool, lambda x: x * x, items(), window=4):
             out.append(result)

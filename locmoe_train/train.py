@@ -196,7 +196,8 @@ def run(cfg) -> str:
         step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
                             eval_batches=r.eval_batches, eval_sets=r.eval_sets, hooks=hooks)
         counts = count_parameters(r.model, cfg, pctx)
-        parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe}
+        parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe,
+                 "guard": step_fn.guard}  # the guard's streak survives a resume
         c = cfg.checkpoint
         ckpt = Checkpointer(cfg, pctx, hooks) if (c.interval or c.dir or c.resume) else None
         start_step, resume_from = 0, ckpt.resolve_resume() if ckpt else None

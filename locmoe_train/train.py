@@ -17,7 +17,6 @@ bad config fails with status 2 and one message instead of one per rank).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -178,6 +177,7 @@ def run(cfg) -> str:
     from locmoe_train.parallel.launch import launched_rank, launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.runlock import acquire
+    from locmoe_train.sinks.base import strict_json
     from locmoe_train.train_step import TrainStep
     from locmoe_train.trainer import Cadence, Trainer
 
@@ -223,7 +223,7 @@ def run(cfg) -> str:
                        "wall_time_s": round(time.time() - t_start, 2),
                        "params": counts, "layout": pctx.describe()}
             with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+                f.write(strict_json(summary, indent=2))  # a NaN val_loss: null
             if outcome == "nonfinite":
                 kept = trainer.last_checkpoint or resume_from
                 print(f"error: {step_fn.guard.message(kept)}", file=sys.stderr, flush=True)

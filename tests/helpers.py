@@ -32,7 +32,17 @@ def run_cli(args: list[str], nproc: int = 1, cwd: str | None = None, timeout: in
                           timeout=timeout, env=full_env)
 
 
+def strict_loads(text: str):
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity``: Python writes
+    them by default, but they are not JSON, and jq, JavaScript or Go cannot read them."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON (write null for a non-finite value)")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def read_metrics(run_dir: str) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl``, each line parsed as strict JSON."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [strict_loads(line) for line in f]
 

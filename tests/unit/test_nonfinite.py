@@ -232,3 +232,32 @@ def test_guard_state_round_trips_as_plain_ints():
     assert guard.state_dict() == resumed.state_dict() and bool(resumed.tripped())
     assert resumed.message(None) == guard.message(None)
     assert resumed.message(None).startswith("grad norm is inf at step 5 (3 steps in a row (3-5)")
+
+
+def test_locality_share_leaves_a_skipped_step_out():
+    # LocMoE+ with locality-aware capacity on one rank of 2 nodes (experts 0-3 local).
+    # Steps 5 and 10 are skipped, and their tokens all choose local experts: counted,
+    # they would move the share; step 10 is also an update step.
+    from locmoe_train.config import MoEConfig
+    from locmoe_train.moe.routers import RouterSetup, router_class
+
+    cfg = MoEConfig(router="locmoe_plus", num_experts=8, top_k=1, locality_loss_coeff=0.01)
+    cfg.capacity.factor0, cfg.capacity.policy = 1.0, "fixed"
+    nodes = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    router = router_class("locmoe_plus")(cfg, 16, RouterSetup(
+        expert_node_E=nodes, local_experts_E=nodes == 0, seq_len=64, max_steps=100)).train()
+    g = torch.Generator().manual_seed(0)
+    share0, local, chosen = router.locality_share, 0, 0
+    for step in range(1, 21):
+        x = torch.randn(256, 16, generator=g)
+        skipped = step in (5, 10)
+        if skipped:
+            x[:, :8] += 10.0  # the blocks of experts 0-3
+        out = router(x)
+        if not skipped:
+            local += int(out.selected_TE[:, :4].sum())
+            chosen += int(out.selected_TE.sum())
+        router.step_end(torch.zeros(8), step=step, ok=torch.tensor(not skipped))
+        if step == 10:
+            assert router.locality_share == share0  # bit for bit: the update waits
+    assert router.locality_share != share0 and router.locality_share == local / chosen

@@ -173,7 +173,7 @@ def run(cfg) -> str:
     from locmoe_train.hooks import load_hooks
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.impls import build_runtime
-    from locmoe_train.optim.optimizer import build_optimizer, state_bytes
+    from locmoe_train.optim.optimizer import build_optimizer, state_parts
     from locmoe_train.parallel.launch import launched_rank, launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.runlock import acquire
@@ -210,7 +210,7 @@ def run(cfg) -> str:
             dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
             sink = _sinks(cfg, resume_from is not None, start_step)
             print(startup_summary(cfg, pctx, counts, meta, r.precision, r.n_train,
-                                  blend=r.blend, optim_bytes=state_bytes(optimizer)), flush=True)
+                                  blend=r.blend, optim_bytes=state_parts(optimizer)), flush=True)
 
         save = (lambda step: ckpt.save(step, parts)) if ckpt else None
         trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
@@ -271,7 +271,7 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
         f"  schedule : {cfg.train.max_steps} steps, lr {cfg.optim.lr} ({cfg.optim.schedule}, "
         f"warmup {cfg.optim.warmup_steps})",
         f"  optim    : AdamW, {sharding}"
-        + ("" if optim_bytes is None else f", state {optim_bytes / 2**20:.2f} MiB per rank"),
+        + _optim_memory(optim_bytes),
         f"  guard    : train.nonfinite={cfg.train.nonfinite} "
         + ("(stop at the first NaN/inf loss or grad norm)" if cfg.train.nonfinite == "stop" else
            f"(skip NaN/inf steps, stop after {cfg.train.nonfinite_patience} in a row)"),
@@ -284,6 +284,17 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
 
     lines += [f"             {cfg.logging.run_dir}/{out}" for out in tracker_outputs(cfg.logging)]
     return "\n".join(lines)
+
+
+def _optim_memory(parts: dict | None) -> str:
+    """The startup line's memory: what the optimizer holds per rank (``state_parts``)."""
+    if parts is None:
+        return ""
+    line = f", state {sum(parts.values()) / 2**20:.2f} MiB per rank"
+    if "slices" in parts:
+        line += (f" (Adam moments {parts['adam'] / 2**20:.2f} + fp32 parameter slice and its "
+                 f"gradient {parts['slices'] / 2**20:.2f})")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ bad config fails with status 2 and one message instead of one per rank).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -174,10 +173,11 @@ def run(cfg) -> str:
     from locmoe_train.hooks import load_hooks
     from locmoe_train.model.init import count_parameters
     from locmoe_train.moe.impls import build_runtime
-    from locmoe_train.optim.optimizer import build_optimizer, state_bytes
+    from locmoe_train.optim.optimizer import build_optimizer, state_parts
     from locmoe_train.parallel.launch import launched_rank, launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.runlock import acquire
+    from locmoe_train.sinks.base import strict_json
     from locmoe_train.train_step import TrainStep
     from locmoe_train.trainer import Cadence, Trainer
 
@@ -197,7 +197,8 @@ def run(cfg) -> str:
         step_fn = TrainStep(r.model, optimizer, cfg, pctx, r.dtype, moe=moe,
                             eval_batches=r.eval_batches, eval_sets=r.eval_sets, hooks=hooks)
         counts = count_parameters(r.model, cfg, pctx)
-        parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe}
+        parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe,
+                 "guard": step_fn.guard}  # the guard's streak survives a resume
         c = cfg.checkpoint
         ckpt = Checkpointer(cfg, pctx, hooks) if (c.interval or c.dir or c.resume) else None
         start_step, resume_from = 0, ckpt.resolve_resume() if ckpt else None
@@ -210,7 +211,7 @@ def run(cfg) -> str:
             dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
             sink = _sinks(cfg, resume_from is not None, start_step)
             print(startup_summary(cfg, pctx, counts, meta, r.precision, r.n_train,
-                                  blend=r.blend, optim_bytes=state_bytes(optimizer)), flush=True)
+                                  blend=r.blend, optim_bytes=state_parts(optimizer)), flush=True)
 
         save = (lambda step: ckpt.save(step, parts)) if ckpt else None
         trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
@@ -223,7 +224,7 @@ def run(cfg) -> str:
                        "wall_time_s": round(time.time() - t_start, 2),
                        "params": counts, "layout": pctx.describe()}
             with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+                f.write(strict_json(summary, indent=2))  # a NaN val_loss: null
             if outcome == "nonfinite":
                 kept = trainer.last_checkpoint or resume_from
                 print(f"error: {step_fn.guard.message(kept)}", file=sys.stderr, flush=True)
@@ -271,7 +272,7 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
         f"  schedule : {cfg.train.max_steps} steps, lr {cfg.optim.lr} ({cfg.optim.schedule}, "
         f"warmup {cfg.optim.warmup_steps})",
         f"  optim    : AdamW, {sharding}"
-        + ("" if optim_bytes is None else f", state {optim_bytes / 2**20:.2f} MiB per rank"),
+        + _optim_memory(optim_bytes),
         f"  guard    : train.nonfinite={cfg.train.nonfinite} "
         + ("(stop at the first NaN/inf loss or grad norm)" if cfg.train.nonfinite == "stop" else
            f"(skip NaN/inf steps, stop after {cfg.train.nonfinite_patience} in a row)"),
@@ -284,6 +285,17 @@ def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
 
     lines += [f"             {cfg.logging.run_dir}/{out}" for out in tracker_outputs(cfg.logging)]
     return "\n".join(lines)
+
+
+def _optim_memory(parts: dict | None) -> str:
+    """The startup line's memory: what the optimizer holds per rank (``state_parts``)."""
+    if parts is None:
+        return ""
+    line = f", state {sum(parts.values()) / 2**20:.2f} MiB per rank"
+    if "slices" in parts:
+        line += (f" (Adam moments {parts['adam'] / 2**20:.2f} + fp32 parameter slice and its "
+                 f"gradient {parts['slices'] / 2**20:.2f})")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,10 @@ SIGINT/SIGTERM set a flag; ranks agree on it at the end of each step (one
 tiny all-reduce), so every rank stops after the same step and nobody is left
 waiting in a collective. A second Ctrl-C aborts at once. The non-finite
 guard's stop flag (``nonfinite.py``) rides in the same all-reduce; a run it
-stops ends with "nonfinite", saving no checkpoint.
+stops ends with "nonfinite", saving no checkpoint. Alone on a GPU there is no
+all-reduce, and reading the flag would cost a host sync per step, so it is read
+at log steps and before every save only; the flag is sticky, so a streak that
+ended in between still stops the run, and no checkpoint is written after it.
 """
 
 from __future__ import annotations
@@ -77,11 +80,12 @@ class StopRequested:
 def agree_to_stop(stop: StopRequested, pctx: ParallelContext, guard=None,
                   poll: bool = True) -> bool:
     """True on every rank if any rank was signalled (then ``stop.signum`` is set everywhere)
-    or ``guard`` (a ``NonFiniteGuard``) tripped (then ``stop.failed``). The guard's flag is
-    read with the signal flag; alone on a GPU, where nothing else reads the device per
-    step, only when ``poll`` (a log step)."""
+    or ``guard`` (a ``NonFiniteGuard``) tripped (then ``stop.failed``). On several ranks the
+    guard's flag rides in the signal flag's all-reduce. Alone, it is read on the host only
+    when ``poll`` is true or a signal came (a signal stop saves a checkpoint, which must
+    not hold a tripped run's state)."""
     if pctx.world_size == 1:  # nobody to agree with: no device tensor, no host sync
-        if guard is not None and (poll or pctx.device.type != "cuda"):
+        if guard is not None and (poll or stop.signum is not None):
             stop.failed = bool(guard.tripped())
         return stop.failed or stop.signum is not None
     flag = torch.tensor([1 if stop.signum is not None else 0], dtype=torch.int32,
@@ -100,7 +104,7 @@ def agree_to_stop(stop: StopRequested, pctx: ParallelContext, guard=None,
 class Trainer:
     def __init__(self, cadence: Cadence, pctx: ParallelContext, step_fn, loader, sink=None,
                  start_step: int = 0, save=None, parts=(), hooks=(), console: bool = True,
-                 guard=None):
+                 guard=None, poll_guard_every_step: bool | None = None):
         self.cadence, self.pctx, self.step_fn, self.loader = cadence, pctx, step_fn, loader
         self.sink, self.parts, self.hooks, self.console = sink, list(parts), list(hooks), console
         self.step = start_step
@@ -111,6 +115,12 @@ class Trainer:
         self.last_saved = start_step
         self.last_checkpoint: str | None = None  # the path this run saved last
         self.guard = guard  # a NonFiniteGuard, or None
+        # Read the guard's flag after every step, or only at log and checkpoint steps.
+        # Default: every step on CPU (a read costs nothing) and on several ranks (it is
+        # in the stop all-reduce anyway); not alone on a GPU, where it is a host sync.
+        if poll_guard_every_step is None:
+            poll_guard_every_step = pctx.world_size > 1 or pctx.device.type != "cuda"
+        self.poll_guard_every_step = poll_guard_every_step
 
     # ---- loop -------------------------------------------------------------
     def fit(self) -> str:
@@ -131,7 +141,12 @@ class Trainer:
                 steps_in_window += 1
                 last = self.step == c.max_steps
                 log_step = self.step % c.log_interval == 0 or last or self.step in c.log_at
-                stopping = agree_to_stop(self.stop, self.pctx, self.guard, poll=log_step)
+                exiting = self.step == c.exit_at_step
+                saving = bool(c.checkpoint_interval and self.step % c.checkpoint_interval == 0
+                              or exiting or last)
+                # Polled before any save: a tripped guard's state is never checkpointed.
+                stopping = agree_to_stop(self.stop, self.pctx, self.guard,
+                                         poll=self.poll_guard_every_step or log_step or saving)
                 if log_step or stopping:
                     if self.pctx.device.type == "cuda":
                         torch.cuda.synchronize()
@@ -142,9 +157,7 @@ class Trainer:
                 if (c.eval_interval and self.step % c.eval_interval == 0) or last:
                     self._log_eval()
                     t0 = time.perf_counter()  # validation time is not training throughput
-                exiting = self.step == c.exit_at_step
-                if (c.checkpoint_interval and self.step % c.checkpoint_interval == 0) or stopping \
-                        or exiting or last:
+                if saving or stopping:
                     self._checkpoint()
                     t0 = time.perf_counter()
                 if stopping:

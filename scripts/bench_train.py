@@ -14,12 +14,14 @@ slots kept per expert and step (``tokens_per_expert``, per layer), the
 max/mean load per layer and the fraction of slots a capacity dropped. The
 JSON holds the environment (GPU, torch, CUDA, megatron-core versions).
 
-It also reports the optimizer state each rank holds (``optimizer_bytes_per_rank``:
-Adam's moments and steps, allocated on the first step; ``optimizer_bytes_held``:
-what the state tensors hold after the timed steps). Under ``torchrun
---nproc_per_node=N`` the benchmark runs data-parallel (each rank steps its share
-of the batch; rank 0 reports), so ``--optim.distributed=true`` shows the sharded
-optimizer's saving:
+It also reports the memory the optimizer holds on each rank between steps
+(``optimizer_bytes_per_rank``: Adam's moments and steps, allocated on the first
+step, and for the distributed optimizer its fp32 parameter slices and their
+gradients; ``optimizer_bytes_held``: measured, the bytes of every tensor the
+optimizer object reaches after the timed steps, model parameters left out).
+Under ``torchrun --nproc_per_node=N`` the benchmark runs data-parallel (each
+rank steps its share of the batch; rank 0 reports), so
+``--optim.distributed=true`` shows the sharded optimizer's memory:
 
     torchrun --nproc_per_node=2 scripts/bench_train.py --config configs/quickstart.yaml \
         --variants ours:optim.distributed=true --steps 2 --warmup 1 --profile-steps 0
@@ -218,17 +220,10 @@ def environment() -> dict:
     return env
 
 
-def held_state_bytes(optimizer) -> int:
-    """Bytes in the tensors of an optimizer's state (the sharded one's: its slices)."""
-    state = getattr(optimizer, "inner", optimizer).state
-    return sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
-               if torch.is_tensor(t))
-
-
 def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -> dict:
     from locmoe_train.model.gpt import build_model
     from locmoe_train.moe.impls import build_runtime
-    from locmoe_train.optim.optimizer import build_optimizer, state_bytes
+    from locmoe_train.optim.optimizer import build_optimizer, held_bytes, state_bytes
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.train import resolve_precision
     from locmoe_train.train_step import TrainStep
@@ -278,7 +273,7 @@ def bench_one(cfg, impl: str, warmup: int, steps: int, profile_steps: int = 0) -
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "parameter_tensors": sum(1 for p in model.parameters() if p.requires_grad)}
         # Optimizer state per rank: the stated size, and what the state tensors hold now.
-        mine = (state_bytes(optimizer), held_state_bytes(optimizer))
+        mine = (state_bytes(optimizer), held_bytes(optimizer, model))
         ranks = [mine] * pctx.world_size
         if pctx.world_size > 1:
             torch.distributed.all_gather_object(ranks, mine)

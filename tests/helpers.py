@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -32,7 +33,63 @@ def run_cli(args: list[str], nproc: int = 1, cwd: str | None = None, timeout: in
                           timeout=timeout, env=full_env)
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def strict_loads(text: str):
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity``: Python writes
+    them by default, but they are not JSON, and jq, JavaScript or Go cannot read them."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON (write null for a non-finite value)")
 
+    return json.loads(text, parse_constant=refuse)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl``, each line parsed as strict JSON."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [strict_loads(line) for line in f]
+
+
+
+# Records written on another machine (tests/fixtures) are compared with a tolerance on
+# floats. The same code on another x86-64 CPU does not give the same bits: kernels
+# pick other SIMD widths (AVX2, AVX-512) and FMA, which change the order and rounding
+# of every sum in a matmul or reduction. fp32 has eps = 1.2e-7, and sums over a few
+# thousand terms end a few ulps apart: seen 7.5e-8 relative on grad_norm (0.7931400537
+# against 0.7931401134), and c_min, delta0 in the 9th digit. 1e-6 relative (about 8
+# ulps) takes that noise; a real change (lost optimizer state moves the loss by ~2%, a
+# different routing changes the counts) is far larger. The absolute 1e-9 is for
+# values that are 0 up to rounding. Integers (steps, tokens per expert, C, counts),
+# strings, booleans and null compare exactly. Two runs inside one test compare with ==.
+CROSS_MACHINE_RTOL = 1e-6
+CROSS_MACHINE_ATOL = 1e-9
+
+
+def record_differences(got, want, path: str = "") -> list[str]:
+    """Where ``got`` differs from ``want`` (JSON-like values), under the rules above."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            return [f"{path or '.'}: {got!r} is not an object like {want!r}"]
+        out = [f"{path}.{k}: missing" for k in want if k not in got]
+        out += [f"{path}.{k}: not expected ({got[k]!r})" for k in got if k not in want]
+        for k in want:
+            if k in got:
+                out += record_differences(got[k], want[k], f"{path}.{k}")
+        return out
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            return [f"{path or '.'}: {got!r} is not a list of {len(want)} like {want!r}"]
+        return [d for i, (g, w) in enumerate(zip(got, want))
+                for d in record_differences(g, w, f"{path}[{i}]")]
+    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        if math.isclose(got, want, rel_tol=CROSS_MACHINE_RTOL, abs_tol=CROSS_MACHINE_ATOL) or (
+                math.isnan(got) and math.isnan(want)):
+            return []
+        return [f"{path}: {got!r} != {want!r} (beyond rel {CROSS_MACHINE_RTOL:g})"]
+    if type(got) is not type(want) or got != want:
+        return [f"{path}: {got!r} != {want!r} (exact)"]
+    return []
+
+
+def assert_records_match(got, want) -> None:
+    """``got`` equals records recorded on another machine (``record_differences``)."""
+    diffs = record_differences(got, want)
+    assert not diffs, "records differ:\n  " + "\n  ".join(diffs)

@@ -36,6 +36,7 @@ from locmoe_train.checkpoint import (FORMAT, barrier, begin_step_dir, find_resum
                                      publish_step_dir, resolve, save_synced, validate_checkpoint)
 from locmoe_train.checkpoint_io import ALLOW_PICKLE_FLAG, load_file, rng_state, set_rng_state
 from locmoe_train.errors import UserError
+from locmoe_train.sinks.base import strict_json
 
 
 def check_supported(cfg) -> None:
@@ -235,7 +236,7 @@ def run(cfg, pctx, base_path: str) -> dict:
                **{k: v for k, v in (last_eval or {}).items() if k not in ("step", "eval")}}
     if pctx.is_main:
         with open(os.path.join(a.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            f.write(strict_json(summary, indent=2))  # a NaN val_loss: null
     return summary
 
 

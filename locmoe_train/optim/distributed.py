@@ -22,11 +22,16 @@ equal pieces); group rank ``r`` owns the ``r``-th contiguous piece. Per step:
 3. AdamW updates the piece (a copy of the parameters' fp32 values there), and
    ``all_gather_into_tensor`` puts the updated vector back into every replica.
 
-The parameters are fp32 (bf16 is autocast), so they are the master weights
-and there is no separate master copy to shard: what is sharded is Adam's
-``exp_avg`` and ``exp_avg_sq``, 8 bytes per parameter, divided by the group
-size. The full gradients still exist during backward (ZeRO-1, not ZeRO-2);
-they are dropped after the reduce-scatter.
+Memory per rank, for P parameters and a group of G ranks. The parameters are
+fp32 (bf16 is autocast), so every replica (4P) is a master copy. Between steps
+this optimizer holds (``state_parts``) Adam's ``exp_avg`` and ``exp_avg_sq`` of
+its slice (8P/G), the slice ``shard_S`` itself, an fp32 copy of the parameters
+there that AdamW steps (4P/G), and the slice's gradient, kept from the
+reduce-scatter to the next ``zero_grad`` (4P/G): 16P/G. The non-sharded AdamW
+holds 8P, and the model keeps its full gradients (4P) between steps, which
+this one drops after the reduce-scatter. The full gradients exist during
+backward (ZeRO-1, not ZeRO-2); at G > 1 the reduce-scatter's flat copy of them
+and the all-gather's flat vector (4P each) exist only during those collectives.
 
 Legend: ``_N`` a bucket's flat (padded) length, ``_S`` one rank's piece.
 """
@@ -194,9 +199,12 @@ class DistributedAdamW:
     def grad_sync(self, model: torch.nn.Module) -> "ShardedGradSync":
         return ShardedGradSync(model, self.pctx, self)
 
-    def state_bytes(self) -> int:
-        """Bytes of Adam state this rank holds once stepped (its slices only)."""
-        return adam_state_bytes(self.inner)
+    def state_parts(self) -> dict[str, int]:
+        """Bytes this rank holds between steps: ``adam``, the AdamW state of its slices
+        (once stepped), and ``slices``, the slices themselves and their gradients."""
+        return {"adam": adam_state_bytes(self.inner),
+                "slices": sum(2 * b.shard_S.numel() * b.shard_S.element_size()
+                              for b in self.buckets)}
 
     # ---- per-parameter state (checkpoints) --------------------------------------------
     def gather_param_states(self) -> dict:

@@ -65,8 +65,43 @@ def load_param_state(optimizer, param: torch.Tensor, state: dict) -> None:
         optimizer.state[param] = state
 
 
-def state_bytes(optimizer) -> int:
-    """Bytes of optimizer state this rank holds (allocated on the first step)."""
+def state_parts(optimizer) -> dict[str, int]:
+    """Bytes the optimizer holds on this rank between steps, by kind: ``adam`` (exp_avg,
+    exp_avg_sq and the step count; allocated on the first step) and, for the distributed
+    optimizer, ``slices`` (its fp32 copy of this rank's slice of the parameters and that
+    slice's gradient, which stays until the next ``zero_grad``)."""
     if isinstance(optimizer, DistributedAdamW):
-        return optimizer.state_bytes()
-    return adam_state_bytes(optimizer)
+        return optimizer.state_parts()
+    return {"adam": adam_state_bytes(optimizer)}
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes the optimizer holds on this rank between steps: ``state_parts`` summed."""
+    return sum(state_parts(optimizer).values())
+
+
+def held_bytes(optimizer, model: torch.nn.Module) -> int:
+    """Measured, not computed: the bytes of every tensor reachable from ``optimizer``'s
+    attributes (state, slices, their gradients...), each storage once, leaving out the
+    model's parameters and their gradients. Checks ``state_bytes`` (tests, the benchmark)."""
+    model_storages = {t.untyped_storage().data_ptr() for p in model.parameters()
+                      for t in (p, p.grad) if t is not None}
+    seen, storages, todo = set(), {}, [optimizer]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in model_storages:
+                storages[storage.data_ptr()] = storage.nbytes()
+            if obj.is_leaf and obj.grad is not None:
+                todo.append(obj.grad)
+        elif isinstance(obj, dict):
+            todo += list(obj.keys()) + list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            todo += list(obj)
+        elif type(obj).__module__.startswith(("locmoe_train.", "torch.optim")):
+            todo += list(getattr(obj, "__dict__", {}).values())  # our parts, torch's AdamW
+    return sum(storages.values())

@@ -69,6 +69,9 @@ def load_run(path: str, name: str) -> Run:
     records = _read_records(metrics, notes)
     train = _by_step([r for r in records if "loss" in r and "step" in r])
     evals = _by_step([r for r in records if "val_loss" in r and "step" in r])
+    for r, key in [(r, "loss") for r in train] + [(r, "val_loss") for r in evals]:
+        if r[key] is None:  # written as null when non-finite: plotted as a gap
+            r[key] = float("nan")
     if not train:
         raise UserError(f"{metrics} holds no training records yet (the first is written after "
                         f"step 1): let the run log at least once, or leave {path!r} out.")

@@ -3,13 +3,16 @@
 Owns how a finished record (plain Python numbers, already reduced across
 ranks) reaches the user. Only rank 0 builds sinks. The JSONL sink writes one
 object per line and flushes each line, so a crash loses at most the record
-being written. Later loggers (TensorBoard, wandb) implement the same
-``write``/``close`` pair.
+being written. Its lines are strict JSON (``strict_json``): a NaN or inf
+value (a window of skipped steps has no loss, a non-finite gradient norm)
+is written as ``null``, not as the bare ``NaN`` that only Python reads back.
+Later loggers (TensorBoard, wandb) implement the same ``write``/``close`` pair.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -20,6 +23,22 @@ class Sink(Protocol):
     def write(self, record: dict) -> None: ...
 
     def close(self) -> None: ...
+
+
+def finite_or_null(value):
+    """``value`` with every NaN/inf float in it, nested in dicts and lists too, as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def strict_json(obj, **kwargs) -> str:
+    """``json.dumps`` that any JSON reader accepts: NaN/inf become ``null``."""
+    return json.dumps(finite_or_null(obj), allow_nan=False, **kwargs)
 
 
 def _fmt(x: float) -> str:
@@ -98,7 +117,7 @@ class JsonlSink:
         self.f = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
+        self.f.write(strict_json(record) + "\n")
         self.f.flush()
 
     def close(self) -> None:

@@ -4,8 +4,10 @@ at DP=2 and at TP=2 x DP=1 (where the norm must count a TP-replicated parameter 
 A toy model with odd-sized dense, norm and expert parameters (the flat buffers
 need padding) gets different gradients on each rank. The sharded optimizer
 must give the same norm, the same clipped update and the same Adam state as
-``GradSync`` + ``torch.optim.AdamW``, hold half of its state per rank, and
-take the non-sharded optimizer's per-parameter state and continue from it.
+``GradSync`` + ``torch.optim.AdamW``, hold on each rank only its slice's state,
+parameters and gradient (the bytes ``state_bytes`` states, measured by walking
+the tensors the optimizer object reaches), and take the non-sharded optimizer's
+per-parameter state and continue from it.
 """
 
 import torch
@@ -13,8 +15,8 @@ import torch.distributed as dist
 
 from harness import run_ranks
 from locmoe_train.config import OptimConfig
-from locmoe_train.optim.optimizer import (build_grad_sync, build_optimizer, load_param_state,
-                                          param_states, state_bytes)
+from locmoe_train.optim.optimizer import (build_grad_sync, build_optimizer, held_bytes,
+                                          load_param_state, param_states, state_bytes)
 from locmoe_train.parallel.state import ParallelContext
 
 
@@ -70,14 +72,13 @@ def _compare(rank):
     opt_ref, opt_sh = build_optimizer(ref, plain, pctx), build_optimizer(sharded, distributed, pctx)
     norms_ref = _train(ref, opt_ref, build_grad_sync(opt_ref, ref, pctx), rank, 5)
     norms_sh = _train(sharded, opt_sh, build_grad_sync(opt_sh, sharded, pctx), rank, 5)
-    held = sum(t.numel() * t.element_size() for s in opt_sh.inner.state.values()
-               for t in s.values())
     gathered = param_states(opt_sh)  # collective; rank 0 gets every parameter's state
     out = {"norms": (norms_ref, norms_sh), "ref": _clone(ref), "sharded": _clone(sharded),
            "ref_state": {n: {k: v.clone() for k, v in opt_ref.state[p].items()}
                          for n, p in ref.named_parameters()},
            "gathered": {n: gathered.get(p) for n, p in sharded.named_parameters()},
-           "bytes": (state_bytes(opt_ref), state_bytes(opt_sh), held)}
+           "bytes": (state_bytes(opt_ref), held_bytes(opt_ref, ref), state_bytes(opt_sh),
+                     held_bytes(opt_sh, sharded))}
     # The non-sharded optimizer's state handed to a fresh sharded one; then both go on.
     resumed = Toy()
     with torch.no_grad():
@@ -103,12 +104,14 @@ def test_sharded_adamw_matches_torch_adamw():
             torch.testing.assert_close(o["resumed_after"][name], o["ref_after"][name],
                                        rtol=1e-6, atol=1e-7)
         assert not torch.equal(o["ref_after"]["proj"], o["ref"]["proj"])  # it did move on
-        # Adam state: 8 bytes per parameter (92 here) and a 4-byte step per stepped tensor.
-        plain, sharded, held = o["bytes"]
-        assert plain == 8 * 92 + 4 * 4
+        # Stated and measured. Plain: Adam's moments, 8 bytes per parameter (92 here),
+        # and a 4-byte step per stepped tensor.
+        plain, plain_held, sharded, sharded_held = o["bytes"]
+        assert plain == plain_held == 8 * 92 + 4 * 4
         # Sharded: buckets dense-decay (35), no-decay (3), experts (54), each padded to
-        # an even length and halved.
-        assert sharded == held == 8 * (18 + 2 + 27) + 3 * 4
+        # an even length and halved; per element the moments, the fp32 slice and its
+        # gradient (16 bytes), and a step per bucket.
+        assert sharded == sharded_held == 16 * (18 + 2 + 27) + 3 * 4
     for name in out[0]["sharded"]:  # the all-gather left the same weights on both ranks
         assert torch.equal(out[0]["sharded"][name], out[1]["sharded"][name]), name
     assert all(v is None for v in out[1]["gathered"].values())  # only the saving rank
@@ -133,6 +136,7 @@ def _compare_tp(rank):
         model.norm.sequence_parallel = True
         opt = build_optimizer(model, OptimConfig(distributed=distributed), pctx)
         norms = _train(model, opt, build_grad_sync(opt, model, pctx), rank, 3)
+        assert state_bytes(opt) == held_bytes(opt, model)
         runs[name] = (norms, _clone(model), state_bytes(opt))
     return runs
 
@@ -145,4 +149,4 @@ def test_sharded_norm_and_update_under_tensor_parallel():
             torch.testing.assert_close(sharded[name], p, rtol=1e-6, atol=1e-7)
         # Dense state whole (DP=1): proj 35 + norm 3 (4 padded: none needed at size 1);
         # the experts' 54 halved over expert-DP.
-        assert sh_bytes == 8 * (35 + 3 + 27) + 3 * 4 and plain == 8 * 92 + 4 * 4
+        assert sh_bytes == 16 * (35 + 3 + 27) + 3 * 4 and plain == 8 * 92 + 4 * 4

@@ -98,6 +98,7 @@ def test_bench_train_sharded_optimizer_halves_state_at_dp2(tmp_path):
     assert x["dp"] == 2 and x["distributed_optimizer"]
     per_rank = x["optimizer_bytes_per_rank"]
     assert per_rank == x["optimizer_bytes_held"] and per_rank[0] == per_rank[1]
-    # Half of the 8 bytes per parameter that DP=1 holds (test above), plus per bucket
-    # (at most 4: dense/expert x decay/no decay) a 4-byte step and a padding element.
-    assert 4 * x["parameters"] < per_rank[0] <= 4 * x["parameters"] + 4 * (4 + 4)
+    # Half of 16 bytes per parameter (Adam's two moments, the fp32 slice and its
+    # gradient), plus per bucket (at most 4: dense/expert x decay/no decay) a 4-byte
+    # step and at most one padding element (16 bytes over 2 ranks).
+    assert 8 * x["parameters"] < per_rank[0] <= 8 * x["parameters"] + 4 * (4 + 8)

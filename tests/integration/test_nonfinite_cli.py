@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_cli, strict_loads
 from hooks import env_for
 from locmoe_train.checkpoint import read_full_tensors
 
@@ -99,3 +99,30 @@ def test_two_ranks_stop_mode_exits_3(tmp_path, tiny_data):
         f"{kept}. {TRIES}, then resume from it with --checkpoint.resume=auto."]
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
         "latest", "step_00000001", "step_00000002"]
+
+
+def test_resume_continues_the_streak(tmp_path, tiny_data, monkeypatch, megatron_reset):
+    # Patience 2. The first run saves at step 2, its first skipped step (streak 1), and
+    # exits; the resumed run's step 3 is the second in a row: it must stop there.
+    from locmoe_train.train import main
+
+    for key, value in env_for("poison", LOCMOE_TEST_POISON="2-3:0:nan").items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+    args = TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}",
+                   "--parallel.ep=1", "--train.max_steps=6", "--train.nonfinite_patience=2",
+                   "--checkpoint.interval=2"]
+    assert main(args + ["--train.exit_at_step=2"]) == 0
+    kept = os.path.join(run_dir, "checkpoints", "step_00000002")
+    assert main(args + ["--checkpoint.resume=auto"]) == 3
+    assert _guard_fields(str(run_dir))[1:] == [
+        (2, 1, 1, {"step": 2, "cause": "loss is NaN"}),
+        (3, 1, 2, {"step": 3, "cause": "loss is NaN"})]  # the total goes on too
+    # metrics.jsonl is strict JSON (read_metrics refuses NaN): a window of skipped steps
+    # has no loss and a NaN grad norm, written as null.
+    assert [(r["loss"], r["grad_norm"]) for r in read_metrics(str(run_dir))
+            if r["step"] in (2, 3)] == [(None, None)] * 2
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["latest", "step_00000002"]
+    summary = strict_loads((run_dir / "summary.json").read_text())
+    assert (summary["outcome"], summary["steps"]) == ("nonfinite", 3)
+

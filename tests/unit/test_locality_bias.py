@@ -186,10 +186,11 @@ def test_capacity_follows_the_measured_same_node_share():
     assert (kept_E[:4] <= caps[0]).all() and (kept_E[4:] <= caps[1]).all()
     assert int(kept_E[:4].max()) > 32  # more than a uniform cap would have let through
     assert router.gauges()["locality_share"] == pytest.approx(share)
-    # Resume: the share and this rank's pending demand come back.
+    # Resume (a save follows a step): the share and this rank's pending demand come back.
     router(x)
+    router.step_end(torch.zeros(8), step=11)
     state = router.checkpoint_state()
     fresh = _ecr_router(node=0)
     fresh.load_checkpoint_state(state)
     assert fresh.locality_share == router.locality_share
-    assert torch.equal(fresh._demand, router._demand)
+    assert router._demand is not None and torch.equal(fresh._demand, router._demand)

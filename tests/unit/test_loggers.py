@@ -13,6 +13,7 @@ import pytest
 from locmoe_train.config import load_config
 from locmoe_train.errors import UserError
 from locmoe_train.sinks.trackers import TensorBoardSink, WandbSink, expert_counts, scalars
+from helpers import strict_loads
 from locmoe_train.sinks.base import JsonlSink, MultiSink
 
 
@@ -250,3 +251,26 @@ def test_online_without_credentials_warns_instead_of_prompting(tmp_path, monkeyp
     sink.close()
     assert ("warning: wandb could not start (RuntimeError: no W&B credentials: set "
             "WANDB_API_KEY or run `wandb login`") in capsys.readouterr().err
+
+
+def test_jsonl_writes_non_finite_values_as_null(tmp_path):
+    # A window of skipped steps: no loss, a NaN norm; gauges and lists nested in the record.
+    nan, inf = float("nan"), float("inf")
+    record = train_record(3, nan)
+    record["grad_norm"] = inf
+    record["moe"]["layer_0"].update(max_over_mean=-inf, tokens_per_expert=[1, nan, 2.5])
+    record["capacity_events"][0]["old"] = nan
+    sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
+    sink.write(record)
+    sink.write(EVAL)
+    sink.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    got = [strict_loads(line) for line in lines]  # refuses NaN/Infinity
+    want = train_record(3, None)
+    want["grad_norm"] = None
+    want["moe"]["layer_0"].update(max_over_mean=None, tokens_per_expert=[1, None, 2.5])
+    want["capacity_events"][0]["old"] = None
+    assert got == [want, EVAL]
+    assert record["loss"] != record["loss"]  # the caller's record is left as it was
+    with pytest.raises(ValueError, match="NaN is not JSON"):
+        strict_loads(json.dumps(record))  # what the sink wrote before

@@ -32,7 +32,8 @@ B = D / E channels per expert block, C capacity per sequence.
   the L experts of the rank's node and ``(1 - sigma) / (1 - L/E)`` elsewhere.
   ``sigma`` is the same-node share of the token choices, all-reduced over
   every rank every ``LOCALITY_INTERVAL`` steps (C shapes are static between
-  updates). With every node holding ``E/N`` experts, an expert's caps summed
+  updates); a step the non-finite guard skipped is not counted, and does not
+  update it. With every node holding ``E/N`` experts, an expert's caps summed
   over all source ranks stay ``C_local * world``, as with uniform caps.
 * C comes from the ``CapacityController`` (moe/capacity.py), re-estimated
   every ``moe.capacity.interval`` steps in ``step_end``.
@@ -115,6 +116,8 @@ class LocMoEPlusRouter(Router):
         self.locality_share = (None if local_E is None
                                else sum(self._local_list) / self.num_experts)
         self._demand = None  # [local, all] token choices since the last update
+        # The current step's, counted into _demand at step_end unless the step is skipped.
+        self._step_demand = None
         self._caps = (None, None)  # (capacity, T, share, device) -> per-expert caps, cached
 
     def temperature(self) -> torch.Tensor:
@@ -172,7 +175,8 @@ class LocMoEPlusRouter(Router):
             if self._local_E is not None:
                 demand = torch.stack([(selected_TE & self._local_E).sum(),
                                       selected_TE.sum()]).double()
-                self._demand = demand if self._demand is None else self._demand + demand
+                self._step_demand = (demand if self._step_demand is None
+                                     else self._step_demand + demand)
         return RoutingResult(kept_TE, probs_TE * kept_TE, delta_TE, requested_slots=requested,
                              capacity=capacity, probs_TE=probs_TE, selected_TE=selected_TE,
                              logits_TE=logits_TE)
@@ -193,8 +197,19 @@ class LocMoEPlusRouter(Router):
                                             device=self._local_E.device))
         return self._caps[1]
 
-    def _update_locality_share(self, step: int) -> None:
-        if self._local_E is None or step % LOCALITY_INTERVAL:
+    def _update_locality_share(self, step: int, ok: torch.Tensor | None) -> None:
+        """Count the step's token choices, and every ``LOCALITY_INTERVAL`` steps set the
+        share from those since the last update. A skipped step (``ok`` false) is left out
+        (on device: no sync), and on an update step the share stays and the update waits
+        for the next one (``ok`` is the same on every rank, so all of them wait)."""
+        if self._local_E is None:
+            return
+        demand, self._step_demand = self._step_demand, None
+        if demand is not None:
+            if ok is not None:
+                demand = torch.where(ok, demand, 0.0)
+            self._demand = demand if self._demand is None else self._demand + demand
+        if step % LOCALITY_INTERVAL or (ok is not None and not bool(ok)):
             return
         demand = (self._demand if self._demand is not None
                   else torch.zeros(2, dtype=torch.float64, device=self._local_E.device))
@@ -227,7 +242,7 @@ class LocMoEPlusRouter(Router):
             # A skipped step's loss is NaN to the rollback guard: left out of its windows.
             self.controller.record_loss(step, loss if ok is None else
                                         torch.where(ok, loss, float("nan")))
-        self._update_locality_share(step)
+        self._update_locality_share(step, ok)
         event = self.controller.step_end(step, ok=ok)
         # Token choice alone applies no capacity: the controller still measures
         # (q, target, C_min are diagnostics) but its C is not in effect.

@@ -160,9 +160,13 @@ def move_aside_all(ckpt_dir: str, resume: Optional[str]) -> Optional[str]:
     found = foreign_checkpoints(ckpt_dir, resume)
     if not found:
         return None
-    dest = move_aside(ckpt_dir, found)
-    if os.path.exists(os.path.join(ckpt_dir, LATEST)):
-        os.remove(os.path.join(ckpt_dir, LATEST))  # it named one of them; dest has its copy
+    try:
+        dest = move_aside(ckpt_dir, found)
+        if os.path.exists(os.path.join(ckpt_dir, LATEST)):
+            os.remove(os.path.join(ckpt_dir, LATEST))  # it named one of them; dest has its copy
+    except OSError as e:
+        raise UserError(f"cannot move the checkpoints in {ckpt_dir} aside ({e}); nothing was "
+                        f"trained. Give this run another checkpoint.dir.") from None
     print(f"note: moved the {len(found)} checkpoints of the earlier run in {ckpt_dir} to {dest}/ "
           f"({MOVE_OPTION})", flush=True)
     return dest
@@ -233,16 +237,16 @@ def roll_back(ckpt_dir: str, path: str) -> Optional[str]:
 
 
 def on_main(pctx, decide: Callable[[], object]):
-    """``decide()`` on rank 0 only, its result (or its UserError) on every rank."""
-    if pctx.world_size == 1:
-        return decide()
+    """``decide()`` on rank 0 only, its result (or its UserError) on every rank. An OSError
+    there (moving checkpoints aside) becomes a UserError too: no rank waits for a dead one."""
     box = [None]
     if pctx.is_main:
         try:
             box[0] = ("ok", decide())
-        except UserError as e:
+        except (UserError, OSError) as e:
             box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
+    if pctx.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
         raise UserError(value)

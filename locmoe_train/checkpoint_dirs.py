@@ -321,8 +321,8 @@ class StepWrite:
 
     def _begin(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        self.free = shutil.disk_usage(self.dir).free
         shutil.rmtree(self.tmp, ignore_errors=True)  # a save of this step that did not finish
+        self.free = shutil.disk_usage(self.dir).free
         os.makedirs(self.tmp)
 
     def attempt(self, what: str, write: Callable, *args) -> None:

@@ -108,6 +108,15 @@ def test_resume_from_an_older_step_moves_the_newer_ones_aside(train, tmp_path):
     assert latest(ck) == "step_00000006"
     assert files(os.path.join(aside, "step_00000009")) == \
         {k.split("/", 1)[1]: v for k, v in before.items() if k.startswith("step_00000009/")}
+    # Back to the moved history: the current checkpoints move aside in turn.
+    status, out, _ = train("--checkpoint.keep=3", "--train.max_steps=12",
+                           f"--checkpoint.resume={aside}/step_00000009",
+                           "--checkpoint.existing=move_aside")
+    assert status == 0 and f"resumed from {aside}/step_00000009 at step 9" in out
+    [second] = [os.path.join(ck, n) for n in os.listdir(ck)
+                if n.startswith("superseded-") and os.path.join(ck, n) != aside]
+    assert listing(second) == ["latest", "step_00000003", "step_00000006"]
+    assert latest(ck) == "step_00000012"
 
 
 def test_auto_among_only_damaged_checkpoints_exits_2(train, tmp_path):

@@ -33,20 +33,23 @@ in the log), the rest continues exactly.
 Atomicity: everything is written into ``step_N.tmp``, files are fsynced,
 rank 0 writes ``meta.json``, renames the directory, then replaces the
 ``latest`` pointer; a crash at any point leaves the previous checkpoint
-intact, and an incomplete directory is never taken for a checkpoint.
+intact, and an incomplete directory is never taken for a checkpoint. Which step
+directories make up the run's history, pruning, moving aside and a failed save
+are ``checkpoint_dirs.py``'s.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+# The step-directory functions (the history of a checkpoint directory) live in
+# checkpoint_dirs.py; imported here under their old names for existing callers.
+from locmoe_train.checkpoint_dirs import (StepWrite, barrier, checkpoint_dir,  # noqa: F401
+                                          find_resume, publish_step_dir, resolve, resume_point)
 from locmoe_train.checkpoint_io import (ALLOW_PICKLE_FLAG, ALLOW_PICKLE_KEY, check_loadable,
                                         check_plain, load_file, rng_state, set_rng_state)
 from locmoe_train.config import TrainConfig, upgrade_saved
@@ -72,14 +75,6 @@ def _version() -> str:
         return version("locmoe-train")
     except Exception:  # pragma: no cover - not installed as a package
         return "unknown"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_synced(obj, path: str) -> None:
@@ -108,94 +103,10 @@ def verify_tensors(path: str, meta: dict, allow_pickle: bool = False,
     return shards
 
 
-def barrier(pctx: ParallelContext) -> None:
-    if pctx.world_size > 1:
-        dist.barrier()
-
-
 def _owned(info: ShardInfo, pctx: ParallelContext) -> bool:
     if info.expert:
         return pctx.edp_rank == 0
     return pctx.dp_rank == 0
-
-
-# ---- step directories: shared by pre-training and the Ada-K stage -------------------
-# A checkpoint directory holds complete `step_NNNNNNNN/` directories, at most one
-# `step_*.tmp/` being written, and a `latest` file naming the newest complete one.
-
-def begin_step_dir(ckpt_dir: str, step: int, pctx: ParallelContext) -> tuple[str, str]:
-    """Rank 0 makes an empty ``step_N.tmp``; every rank gets ``(tmp, final)`` after a barrier."""
-    final = os.path.join(ckpt_dir, f"step_{step:08d}")
-    tmp = final + ".tmp"
-    if pctx.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier(pctx)
-    return tmp, final
-
-
-def publish_step_dir(ckpt_dir: str, tmp: str, final: str, meta: dict, keep: int) -> None:
-    """Rank 0, after every file is in ``tmp``: write meta.json last (it marks the
-    checkpoint complete), rename ``tmp`` to ``final``, point ``latest`` at it and
-    delete all but the newest ``keep``. Each step is fsynced, so a crash at any
-    point leaves the previous checkpoint intact and ``latest`` valid."""
-    meta = dict(meta, files={f: os.path.getsize(os.path.join(tmp, f))
-                             for f in sorted(os.listdir(tmp))})
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
-    latest_tmp = os.path.join(ckpt_dir, "latest.tmp")
-    with open(latest_tmp, "w") as f:
-        f.write(os.path.basename(final) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
-    done = sorted(d for d in os.listdir(ckpt_dir)
-                  if d.startswith("step_") and not d.endswith(".tmp"))
-    for old in done[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-
-
-def resolve(path: str) -> str:
-    """A ``step_*`` directory as given, or the one a checkpoint directory's ``latest`` names."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    return path
-
-
-def find_resume(resume: Optional[str], ckpt_dir: str, key: str, validate,
-                warn: bool = False) -> Optional[str]:
-    """``resume`` (the value of config key ``key``): None = fresh start; "auto" = the
-    newest valid ``step_*`` in ``ckpt_dir`` (None if there is none); else a path,
-    which must be valid. ``validate(path)`` returns None or what is wrong."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        problem = validate(resume)
-        if problem:
-            raise UserError(f"{key}={resume!r}: {problem}")
-        return resume
-    if not os.path.isdir(ckpt_dir):
-        return None
-    for name in sorted(os.listdir(ckpt_dir), reverse=True):
-        path = os.path.join(ckpt_dir, name)
-        if not name.startswith("step_") or name.endswith(".tmp"):
-            continue
-        problem = validate(path)
-        if problem is None:
-            return path
-        if warn:
-            print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
-    return None
 
 
 class Checkpointer:
@@ -209,13 +120,13 @@ class Checkpointer:
         self.cfg, self.pctx, self.hooks = cfg, pctx, list(hooks)
         # How the refusal of a file that needs the full unpickler names the way to allow it.
         self.pickle_option = pickle_option
-        self.dir = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
+        self.dir = checkpoint_dir(cfg)
 
     # ---- save -------------------------------------------------------------
     def save(self, step: int, parts: dict) -> str:
         pctx, cfg = self.pctx, self.cfg
         model, optimizer = parts["model"], parts["optimizer"]
-        tmp, final = begin_step_dir(self.dir, step, pctx)
+        write = StepWrite(self.dir, step, pctx)  # a failed write: SaveFailed on every rank
 
         tensors, index = {}, {}
         params = dict(model.named_parameters())
@@ -239,19 +150,18 @@ class Checkpointer:
                               "size": info.size, "glu": info.glu, "shape": list(value.shape),
                               "dtype": dtype_name(value.dtype)}
         shard_file = f"shards_rank{pctx.rank:05d}.pt"
-        save_synced(tensors, os.path.join(tmp, shard_file))
+        write.attempt(shard_file, save_synced, tensors, os.path.join(write.tmp, shard_file))
         call_hooks(self.hooks, "after_shards", step)
-        save_synced(rng_state(), os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
-        if self.pctx.world_size > 1:
-            gathered = [None] * pctx.world_size
-            dist.all_gather_object(gathered, (shard_file, index))
-        else:
-            gathered = [(shard_file, index)]
+        rng_file = f"rng_rank{pctx.rank:05d}.pt"
+        write.attempt(rng_file, save_synced, rng_state(), os.path.join(write.tmp, rng_file))
+        gathered = write.gather((shard_file, index), sum(t.nbytes for t in tensors.values()))
+        meta = None
         if pctx.is_main:
             # Layout-free parts, identical on every rank (format 1 keys: loader, moe).
             others = {name: part.state_dict() for name, part in parts.items()
                       if name not in ("model", "optimizer")}
-            save_synced({"step": step, **others}, os.path.join(tmp, "trainer.pt"))
+            write.attempt("trainer.pt", save_synced, {"step": step, **others},
+                          os.path.join(write.tmp, "trainer.pt"))
             shards: dict[str, list] = {}
             for file, idx in gathered:
                 for key, info in idx.items():
@@ -260,15 +170,14 @@ class Checkpointer:
                     "config": cfg.to_dict(), "layout": pctx.describe(),
                     "world_size": pctx.world_size, "tp": pctx.tp, "ep": pctx.ep,
                     "dp": pctx.dp, "tensors": shards}
-            publish_step_dir(self.dir, tmp, final, meta, cfg.checkpoint.keep)
-        barrier(pctx)
-        return final
+        return write.publish(meta, cfg.checkpoint.keep)
 
     # ---- find ---------------------------------------------------------------
     def resolve_resume(self) -> Optional[str]:
-        """The checkpoint to resume from, or None for a fresh start."""
-        return find_resume(self.cfg.checkpoint.resume, self.dir, "checkpoint.resume",
-                           validate_checkpoint, warn=self.pctx.is_main)
+        """The checkpoint to resume from, or None for a fresh start; checkpoints newer than
+        it are moved aside (``checkpoint_dirs.roll_back``)."""
+        return resume_point(self.cfg.checkpoint.resume, self.dir, "checkpoint.resume",
+                            validate_checkpoint, self.pctx)
 
     # ---- load ---------------------------------------------------------------
     def load(self, path: str, parts: dict) -> int:

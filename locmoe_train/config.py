@@ -106,10 +106,17 @@ class CheckpointConfig:
     # Save every N steps (0: no periodic saves). With a checkpoint.dir or
     # interval set, a save also happens when the run ends or is stopped.
     interval: int = 0
-    # How many complete checkpoints to keep (oldest deleted first).
+    # How many complete checkpoints to keep (oldest deleted first; never one newer
+    # than the checkpoint just written).
     keep: int = 2
-    # null = start fresh; "auto" = latest valid one in dir (fresh if none); or a path.
+    # null = start fresh; "auto" = the one `latest` names (else the newest valid one;
+    # fresh if there is none); or a path. Checkpoints in dir newer than the one resumed
+    # from are moved aside into <dir>/superseded-<UTC time>/.
     resume: Optional[str] = None
+    # When a fresh start (or a resume from a checkpoint elsewhere) finds another run's
+    # checkpoints in dir: "refuse" (exit 2) or "move_aside" (into
+    # <dir>/superseded-<UTC time>/; nothing is deleted).
+    existing: Literal["refuse", "move_aside"] = "refuse"
     # Checkpoint files are read with torch's weights-only unpickler: tensors and plain
     # values, no code from the file runs. true: a file it refuses (written by other
     # code, e.g. an older or patched version) is unpickled in full, which can run any

@@ -4,13 +4,16 @@ Parses the config, starts the process groups, builds the parts, runs
 ``Trainer.fit`` and tears down in ``finally``. Exit status: 0 when training
 completed, 2 for bad user input (nothing written), 3 when the non-finite
 guard stopped the run (``train.nonfinite``; no checkpoint of that state),
-130/143 when stopped by SIGINT/SIGTERM after a clean stop, 1 on a crash.
+4 when a checkpoint could not be written (a full volume: one ``error:`` line,
+``latest`` keeps the last good one), 130/143 when stopped by SIGINT/SIGTERM
+after a clean stop, 1 on a crash.
 
 Subcommands (table SUBCOMMANDS below): ``prepare-data``, ``inspect-checkpoint``,
 ``sweep``, ``report``, ``export-hf``, ``adak``; e.g.
 ``locmoe-train inspect-checkpoint PATH``. With ``--check``
 it validates the config, the parallel layout for ``--world-size`` and the
-data directory, then exits (launch scripts run it before torchrun so that a
+data directory and that a fresh start does not land among another run's
+checkpoints, then exits (launch scripts run it before torchrun so that a
 bad config fails with status 2 and one message instead of one per rank).
 """
 
@@ -27,8 +30,10 @@ from dataclasses import dataclass
 
 from locmoe_train.errors import UserError
 
-# "nonfinite": the non-finite guard stopped the run (nonfinite.py).
-EXIT_CODES = {"completed": 0, "exit_at_step": 0, "nonfinite": 3, "SIGINT": 130, "SIGTERM": 143}
+# "nonfinite": the non-finite guard stopped the run (nonfinite.py); "save_failed": a
+# checkpoint write failed (checkpoint_dirs.SaveFailed).
+EXIT_CODES = {"completed": 0, "exit_at_step": 0, "nonfinite": 3, "save_failed": 4,
+              "SIGINT": 130, "SIGTERM": 143}
 
 # ``locmoe-train NAME ...`` -> "module:function" called with the remaining argv;
 # imported only when used, so one subcommand's optional dependencies never
@@ -90,6 +95,21 @@ def check(cfg, world_size: int, meta: dict) -> None:
     resolve(cfg, meta)
     _, dp, _ = check_layout(cfg.parallel, world_size, cfg.expert_tp)
     check_batch_layout(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
+
+
+def checkpointing(cfg) -> bool:
+    """Whether this run saves or loads checkpoints at all."""
+    c = cfg.checkpoint
+    return bool(c.interval or c.dir or c.resume)
+
+
+def check_checkpoints(cfg) -> None:
+    """UserError when this run would start a new history among another run's checkpoints
+    (``checkpoint_dirs.check_fresh_start``). Read-only: every rank, and ``--check``."""
+    from locmoe_train.checkpoint_dirs import check_fresh_start, checkpoint_dir
+
+    if checkpointing(cfg):
+        check_fresh_start(checkpoint_dir(cfg), cfg.checkpoint.resume, cfg.checkpoint.existing)
 
 
 @dataclass
@@ -168,6 +188,7 @@ def _sinks(cfg, resumed: bool, start_step: int):
 
 def run(cfg) -> str:
     from locmoe_train.checkpoint import Checkpointer
+    from locmoe_train.checkpoint_dirs import checkpoint_dir, move_aside_all
     from locmoe_train.config import dump_config
     from locmoe_train.data.blend import data_meta
     from locmoe_train.hooks import load_hooks
@@ -183,12 +204,15 @@ def run(cfg) -> str:
 
     meta = data_meta(cfg.data)
     check(cfg, launched_world_size(), meta)
+    check_checkpoints(cfg)  # on every rank: all exit 2 together
     # One live run per run directory (rank 0 holds the lock for its world).
     lock = (acquire(cfg.logging.run_dir, cfg.logging.take_over_lock)
             if launched_rank() in (None, 0) else None)
     t_start = time.time()
     sink = None
     try:
+        if lock is not None and checkpointing(cfg) and cfg.checkpoint.existing == "move_aside":
+            move_aside_all(checkpoint_dir(cfg), cfg.checkpoint.resume)  # under the lock
         pctx = init_parallel(cfg.parallel, cfg.expert_tp, cfg.train.device, cfg.train.seed)
         r = build_run(cfg, pctx)
         optimizer = build_optimizer(r.model, cfg.optim, pctx)
@@ -199,8 +223,7 @@ def run(cfg) -> str:
         counts = count_parameters(r.model, cfg, pctx)
         parts = {"model": r.model, "optimizer": optimizer, "loader": r.loader, "moe": moe,
                  "guard": step_fn.guard}  # the guard's streak survives a resume
-        c = cfg.checkpoint
-        ckpt = Checkpointer(cfg, pctx, hooks) if (c.interval or c.dir or c.resume) else None
+        ckpt = Checkpointer(cfg, pctx, hooks) if checkpointing(cfg) else None
         start_step, resume_from = 0, ckpt.resolve_resume() if ckpt else None
         if resume_from is not None:
             start_step = ckpt.load(resume_from, parts)
@@ -326,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
             world = args.world_size or launched_world_size()
             check(cfg, world, data_meta(cfg.data))
+            check_checkpoints(cfg)
             if not several_nodes():
                 # launch/local.sh: refused before torchrun starts. Not per node: a node
                 # joining a live elastic job would find its own job's lock.
@@ -339,7 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}interrupted", file=sys.stderr, flush=True)
         return 130
-    except Exception:
+    except Exception as e:
+        from locmoe_train.checkpoint_dirs import SaveFailed
+
+        if isinstance(e, SaveFailed):  # every rank; rank 0 alone says why, in one line
+            if e.message:
+                print(f"error: {e.message}", file=sys.stderr, flush=True)
+            return EXIT_CODES["save_failed"]
         traceback.print_exc()
         return 1
 

@@ -32,8 +32,8 @@ import torch
 
 from locmoe_train.adak.allocator import install_allocators
 from locmoe_train.adak.step import AdaKStep
-from locmoe_train.checkpoint import (FORMAT, barrier, begin_step_dir, find_resume,
-                                     publish_step_dir, resolve, save_synced, validate_checkpoint)
+from locmoe_train.checkpoint import FORMAT, save_synced, validate_checkpoint
+from locmoe_train.checkpoint_dirs import StepWrite, resolve, resume_point
 from locmoe_train.checkpoint_io import ALLOW_PICKLE_FLAG, load_file, rng_state, set_rng_state
 from locmoe_train.errors import UserError
 from locmoe_train.sinks.base import strict_json
@@ -100,24 +100,24 @@ class StageCheckpoint:
 
     def save(self, step: int) -> str:
         pctx, s = self.pctx, self.step_fn
-        tmp, final = begin_step_dir(self.dir, step, pctx)
+        write = StepWrite(self.dir, step, pctx, resume_key="adak.resume")
         rng = dict(rng_state(), routers=[r.generator.get_state() for r in s.routers])
-        save_synced(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
-        barrier(pctx)
+        rng_file = f"rng_rank{pctx.rank:05d}.pt"
+        write.attempt(rng_file, save_synced, rng, os.path.join(write.tmp, rng_file))
+        write.gather(None)
+        meta = None
         if pctx.is_main:
             # The allocators and their AdamW state are identical on every rank.
             state = {"step": step, "loader": self.loader.state_dict(),
                      "allocators": {l: r.alloc_weight.detach().cpu()
                                     for l, r in zip(s.layers, s.routers)},
                      "optimizer": s.optimizer.state_dict()}
-            save_synced(state, os.path.join(tmp, "state.pt"))
+            write.attempt("state.pt", save_synced, state, os.path.join(write.tmp, "state.pt"))
             meta = {"format": FORMAT, "kind": "adak", "step": step,
                     "base_checkpoint": os.path.abspath(self.base_path),
                     "world_size": pctx.world_size, "layout": pctx.describe(),
                     "config": self.cfg.to_dict()}
-            publish_step_dir(self.dir, tmp, final, meta, self.cfg.adak.keep)
-        barrier(pctx)
-        return final
+        return write.publish(meta, self.cfg.adak.keep)
 
     def load(self, path: str) -> int:
         """Restore ``path``; returns the step to continue from."""
@@ -201,7 +201,7 @@ def run(cfg, pctx, base_path: str) -> dict:
     a = cfg.adak
     step_fn, loader = build(cfg, pctx, base_path)
     ckpt = StageCheckpoint(cfg, pctx, base_path, step_fn, loader)
-    resume_from = find_resume(a.resume, ckpt.dir, "adak.resume", validate_stage_checkpoint)
+    resume_from = resume_point(a.resume, ckpt.dir, "adak.resume", validate_stage_checkpoint, pctx)
     start_step = ckpt.load(resume_from) if resume_from is not None else 0
     total = a.warm_start_steps + a.steps
     sink = None

@@ -35,6 +35,7 @@ from locmoe_train.adak.step import AdaKStep
 from locmoe_train.checkpoint import (FORMAT, barrier, begin_step_dir, find_resume,
                                      publish_step_dir, resolve, save_synced, validate_checkpoint)
 from locmoe_train.checkpoint_io import ALLOW_PICKLE_FLAG, load_file, rng_state, set_rng_state
+from locmoe_train.checkpoint_verify import gather
 from locmoe_train.errors import UserError
 
 
@@ -53,10 +54,12 @@ def check_supported(cfg) -> None:
             f"--moe.max_nodes_per_token=null.")
 
 
-def resolve_base_checkpoint(path: str) -> str:
-    """A ``step_*`` directory, or a checkpoint directory whose ``latest`` names one."""
+def resolve_base_checkpoint(path: str, pctx=None) -> str:
+    """A ``step_*`` directory, or a checkpoint directory whose ``latest`` names one.
+    Without ``pctx`` (before the process groups exist) the files' checksums are not
+    read; with it, the ranks share that reading (every rank calls this)."""
     path = resolve(path)
-    problem = validate_checkpoint(path)
+    problem = validate_checkpoint(path, verify=pctx is not None, pctx=pctx)
     if problem is not None:
         raise UserError(f"--checkpoint {path!r} is not a usable pre-trained checkpoint: {problem}. "
                         f"Pass a step_* directory or a checkpoint.dir of a pre-training run.")
@@ -76,6 +79,7 @@ def build(cfg, pctx, base_path: str):
     from locmoe_train.train import build_run
 
     run = build_run(cfg, pctx)
+    resolve_base_checkpoint(base_path, pctx)  # now with the checksums
     Checkpointer(cfg, pctx, pickle_option=ALLOW_PICKLE_FLAG).load(base_path, {"model": run.model})
     for p in run.model.parameters():
         p.requires_grad_(False)
@@ -101,19 +105,19 @@ class StageCheckpoint:
         pctx, s = self.pctx, self.step_fn
         tmp, final = begin_step_dir(self.dir, step, pctx)
         rng = dict(rng_state(), routers=[r.generator.get_state() for r in s.routers])
-        save_synced(rng, os.path.join(tmp, f"rng_rank{pctx.rank:05d}.pt"))
-        barrier(pctx)
+        rng_file = f"rng_rank{pctx.rank:05d}.pt"
+        sums = gather({rng_file: save_synced(rng, os.path.join(tmp, rng_file))}, pctx.world_size)
         if pctx.is_main:
             # The allocators and their AdamW state are identical on every rank.
             state = {"step": step, "loader": self.loader.state_dict(),
                      "allocators": {l: r.alloc_weight.detach().cpu()
                                     for l, r in zip(s.layers, s.routers)},
                      "optimizer": s.optimizer.state_dict()}
-            save_synced(state, os.path.join(tmp, "state.pt"))
+            sums["state.pt"] = save_synced(state, os.path.join(tmp, "state.pt"))
             meta = {"format": FORMAT, "kind": "adak", "step": step,
                     "base_checkpoint": os.path.abspath(self.base_path),
                     "world_size": pctx.world_size, "layout": pctx.describe(),
-                    "config": self.cfg.to_dict()}
+                    "config": self.cfg.to_dict(), "checksums": dict(sorted(sums.items()))}
             publish_step_dir(self.dir, tmp, final, meta, self.cfg.adak.keep)
         barrier(pctx)
         return final

@@ -26,7 +26,7 @@ import torch
 
 from harness import run_ranks
 from locmoe_train import train
-from locmoe_train.checkpoint import (ShardReader, read_full_tensors, validate_checkpoint)
+from locmoe_train.checkpoint import ShardReader, read_full_tensors, validate_checkpoint
 from locmoe_train.errors import UserError
 
 TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2",
@@ -65,6 +65,18 @@ def _write_meta(step_dir, meta: dict) -> None:
         json.dump(meta, f)
 
 
+def _crc32(path) -> str:
+    with open(path, "rb") as f:
+        return f"crc32:{zlib.crc32(f.read()):08x}"
+
+
+def _rename(meta: dict, old: str, new: str) -> None:
+    """meta.json's entries for file ``old`` (size, checksum) under the name ``new``."""
+    meta["files"][new] = meta["files"].pop(old)
+    if "checksums" in meta:
+        meta["checksums"][new] = meta["checksums"].pop(old)
+
+
 def _flip_middle(path) -> None:
     """Overwrite 64 bytes in the middle of ``path`` in place: same size, other bytes."""
     size = os.path.getsize(path)
@@ -83,19 +95,16 @@ def test_every_saved_file_has_the_crc32_of_its_bytes(saved):
         assert sorted(meta["checksums"]) == sorted(meta["files"]) == \
             ["rng_rank00000.pt", SHARD, "trainer.pt"]
         for name, value in meta["checksums"].items():
-            data = (step_dir / name).read_bytes()
-            assert value == f"crc32:{zlib.crc32(data):08x}"
+            assert value == _crc32(step_dir / name)
 
 
 def test_a_shard_overwritten_in_place_is_detected(run_copy, tiny_data, capsys):
     ckdir = run_copy / "checkpoints"
     newest, previous = ckdir / "step_00000004", ckdir / "step_00000002"
+    saved_crc = _crc32(newest / SHARD)  # what the save stored (the test above)
     _flip_middle(newest / SHARD)
-    meta = _meta(newest)
-    data = (newest / SHARD).read_bytes()
-    found = f"crc32:{zlib.crc32(data):08x}"
-    problem = (f"{SHARD} does not match its checksum (meta.json: {meta['checksums'][SHARD]}, "
-               f"file: {found}): it was damaged or overwritten after the save")
+    problem = (f"{SHARD} does not match its checksum (meta.json: {saved_crc}, file: "
+               f"{_crc32(newest / SHARD)}): it was damaged or overwritten after the save")
     assert validate_checkpoint(str(newest)) == problem
     assert validate_checkpoint(str(previous)) is None
     args = [*TINY, f"--data.path={tiny_data}", "--train.max_steps=6",
@@ -186,8 +195,7 @@ def test_meta_json_cannot_name_a_file_outside_the_checkpoint(run_copy, tiny_data
     name = str(outside) if absolute else os.path.relpath(outside, step_dir)
     assert absolute or name.startswith("../../")
     meta = _meta(step_dir)
-    meta["files"][name] = meta["files"].pop(SHARD)
-    meta["checksums"][name] = meta["checksums"].pop(SHARD)
+    _rename(meta, SHARD, name)
     for entries in meta["tensors"].values():
         for entry in entries:
             entry["file"] = name
@@ -226,8 +234,7 @@ def test_meta_json_cannot_name_a_file_outside_the_checkpoint(run_copy, tiny_data
 def test_names_that_could_leave_the_directory_are_refused(run_copy, name, why):
     step_dir = run_copy / "checkpoints" / "step_00000002"
     meta = _meta(step_dir)
-    meta["files"][name] = meta["files"].pop("trainer.pt")
-    meta["checksums"][name] = meta["checksums"].pop("trainer.pt")
+    _rename(meta, "trainer.pt", name)
     _write_meta(step_dir, meta)
     assert validate_checkpoint(str(step_dir)) == (
         f"meta.json names the file {name!r}, which is refused: {why} (meta.json was "

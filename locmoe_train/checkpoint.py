@@ -15,8 +15,8 @@ Format 2: ``<checkpoint.dir>/step_00000300/``
 * ``trainer.pt``: step, data loader position, MoE router/capacity states;
 * ``meta.json``: written last: step, resolved config, layout, package version,
   the index of every shard file (name, size) and every tensor's shards
-  (file, layout, shape, dtype), and each file's checksum, taken while it was
-  written (``checkpoint_verify.py``).
+  (file, layout, shape, dtype), and each file's checksum, taken as it was
+  saved (``checkpoint_verify.py``).
 
 Loading never runs code from a checkpoint: every ``.pt`` file holds only
 tensors and plain values and is read weights-only; a file that needs the full
@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from locmoe_train.checkpoint_io import (ALLOW_PICKLE_FLAG, ALLOW_PICKLE_KEY, check_loadable,
                                         check_plain, load_file, rng_state, set_rng_state)
-from locmoe_train.checkpoint_verify import Checksum, agree, check_files
+from locmoe_train.checkpoint_verify import agree, check_files, sync_and_checksum
 from locmoe_train.config import TrainConfig, upgrade_saved
 from locmoe_train.errors import UserError
 from locmoe_train.hooks import call as call_hooks
@@ -88,14 +88,12 @@ def _fsync_dir(path: str) -> None:
 
 def save_synced(obj, path: str) -> str:
     """``torch.save`` and fsync; ``obj`` must be tensors and plain values (``check_plain``).
-    Returns the file's checksum, taken from the bytes as they were written."""
+    Returns the file's checksum, taken during the fsync (``sync_and_checksum``)."""
     check_plain(obj, os.path.basename(path))
     with open(path, "wb") as f:
-        hashed = Checksum(f)
-        torch.save(obj, hashed)
+        torch.save(obj, f)
         f.flush()
-        os.fsync(f.fileno())
-    return hashed.value()
+        return sync_and_checksum(f, path)
 
 
 def other_files(meta: dict) -> list[str]:

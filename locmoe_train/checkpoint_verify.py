@@ -1,8 +1,11 @@
 """Checkpoint file checksums and file names: what ``meta.json`` may name, and whether
 each file still holds the bytes that were saved.
 
-A file is hashed while it is written (``Checksum`` sits between ``torch.save`` and
-the file, so nothing is read back); rank 0 stores every file's checksum in
+A file is hashed just after it is written, while ``fsync`` waits for the disk
+(``sync_and_checksum``): the bytes are read back from the page cache on one core as
+the disk takes them, so the hash adds next to no time to a save (hashing inside
+``torch.save``'s writes instead cost 20-25% of the save in our measurements, see
+``scripts/bench_checksum.py``). Rank 0 stores every file's checksum in
 ``meta.json["checksums"]`` as ``{"shards_rank00000.pt": "crc32:1a2b3c4d"}``, next to
 the sizes in ``meta["files"]`` that older versions read. ``check_files`` compares
 both with the directory: the sizes always, the checksums when asked (that reads
@@ -10,8 +13,8 @@ every byte). A checkpoint saved before checksums existed has no such key and is
 checked by size only.
 
 Why CRC-32 (``zlib.crc32``): it is the fastest hash in the standard library on the
-machines we measured (``scripts/bench_checksum.py``: about 3x the speed of writing
-and fsyncing the same file, 2x SHA-256), and what is guarded against is damage
+machines we measured (about 3x the speed of writing and fsyncing the same file, 2x
+SHA-256), and what is guarded against is damage
 (bit rot, a torn or overwritten copy), not forgery: whoever can rewrite a shard can
 rewrite ``meta.json`` too. The ``crc32:`` prefix leaves room for another algorithm.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 ALGO = "crc32"
@@ -54,21 +58,17 @@ def bad_name(name) -> Optional[str]:
             f"altered; a checkpoint's files are plain names inside its directory)")
 
 
-class Checksum:
-    """A file object wrapper that hashes what passes through ``write``."""
-
-    def __init__(self, f):
-        self.f, self.crc = f, 0
-
-    def write(self, data) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def value(self) -> str:
-        return f"{ALGO}:{self.crc:08x}"
+def sync_and_checksum(f, path: str) -> str:
+    """fsync ``f`` (the file at ``path``, written and flushed) and return its checksum,
+    read back while the fsync runs (both release the GIL). An fsync error (a full
+    disk, EIO) is raised here, as a plain ``os.fsync`` would raise it."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync") as pool:
+        synced = pool.submit(os.fsync, f.fileno())
+        try:
+            checksum = file_checksum(path)
+        finally:
+            synced.result()
+    return checksum
 
 
 def file_checksum(path: str, algo: str = ALGO) -> str:

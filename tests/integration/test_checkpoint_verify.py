@@ -242,7 +242,8 @@ def test_names_that_could_leave_the_directory_are_refused(run_copy, name, why):
 
 
 def _validate_on_rank(rank: int, step_dir: str) -> tuple:
-    """Validate ``step_dir`` as the trainer's ranks do; what this rank hashed."""
+    """Validate ``step_dir`` as the trainer's ranks do: the verdict, what this rank
+    hashed, and the checksums every rank gathers (as the Ada-K stage's save does)."""
     from types import SimpleNamespace
 
     from locmoe_train import checkpoint_verify
@@ -255,13 +256,15 @@ def _validate_on_rank(rank: int, step_dir: str) -> tuple:
         return real(path, *a)
     checkpoint_verify.file_checksum = spy
     pctx = SimpleNamespace(rank=rank, world_size=2)
-    return validate_checkpoint(step_dir, pctx=pctx), hashed
+    problem = validate_checkpoint(step_dir, pctx=pctx)
+    return problem, hashed, checkpoint_verify.gather({f"rng_rank{rank:05d}.pt": str(rank)}, 2)
 
 
 def test_ranks_share_the_hashing_and_agree(run_copy):
     step_dir = run_copy / "checkpoints" / "step_00000004"
     _flip_middle(step_dir / "trainer.pt")  # a small file: not the shard's rank hashes it
-    (p0, hashed0), (p1, hashed1) = run_ranks(_validate_on_rank, 2, str(step_dir))
+    (p0, hashed0, sums0), (p1, hashed1, sums1) = run_ranks(_validate_on_rank, 2, str(step_dir))
     assert sorted(hashed0 + hashed1) == ["rng_rank00000.pt", SHARD, "trainer.pt"]
     assert hashed0 == [SHARD]  # the largest file alone is the heavier share
     assert p0 == p1 and p1.startswith("trainer.pt does not match its checksum")
+    assert sums0 == sums1 == {"rng_rank00000.pt": "0", "rng_rank00001.pt": "1"}

@@ -1,20 +1,20 @@
 """How much checkpoint checksums cost: hash speeds against the speed of saving a file.
 
-    python scripts/bench_checksum.py                       # 256 MB, 5 repeats, in ./.bench_checksum
+    python scripts/bench_checksum.py                       # 256 MB, 5 repeats, in runs/bench_checksum
     python scripts/bench_checksum.py --mb 1024 --dir /scratch/ckpt --out bench_checksum.json
 
 Measures, in MB/s (10^6 bytes per second; the best of ``--repeats`` runs):
 
 * ``hash``: each candidate over an in-memory buffer of random bytes, fed in
-  4 MiB pieces as torch.save writes them: ``zlib.crc32`` and ``zlib.adler32``
+  4 MiB pieces: ``zlib.crc32`` and ``zlib.adler32``
   and hashlib's md5, sha1, sha256, blake2b (the standard library; nothing to install);
 * ``save_with_fsync``: ``torch.save`` of a tensor dict of that size plus flush and
-  fsync, into ``--dir``: ``plain``; ``crc32_during_fsync``, the file read back and
+  fsync, into a new folder in ``--dir`` (removed after): ``plain``; ``crc32_during_fsync``, the file read back and
   hashed while the fsync runs (``checkpoint_verify.sync_and_checksum``, what
   ``checkpoint.save_synced`` does); and, the alternatives, the CRC-32 or SHA-256
   taken inside ``torch.save``'s writes (``*_while_writing``: nothing read back, but
   the hash runs in line with the writes);
-* ``verify``: reading the saved file back and taking its CRC-32
+* ``verify_crc32_page_cache``: reading the saved file back and taking its CRC-32
   (``checkpoint_verify.file_checksum``, what validation does). The file was just
   written, so it is read from the page cache: a cold read from a disk or a
   network file system is slower, and then the read, not the hash, sets the pace.
@@ -32,6 +32,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=256, help="size of the buffer and the file, MB")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--dir", default=os.path.join(REPO, ".bench_checksum"),
-                    help="where the test file is written (removed after); put it on the "
-                         "file system your checkpoints go to")
+    ap.add_argument("--dir", default=os.path.join(REPO, "runs", "bench_checksum"),
+                    help="a folder on the file system your checkpoints go to: the test file "
+                         "is written into a new folder in it, removed after")
     ap.add_argument("--out", help="write the JSON here (default: stdout)")
     args = ap.parse_args(argv)
 
@@ -152,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     data = os.urandom(nbytes)
     obj = {"weights": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
     os.makedirs(args.dir, exist_ok=True)
-    path = os.path.join(args.dir, "bench.pt")
+    scratch = tempfile.mkdtemp(prefix="bench_checksum_", dir=args.dir)
+    path = os.path.join(scratch, "bench.pt")
     try:
         saves = save_speeds(obj, path, args.repeats)
         verify = round(os.path.getsize(path) / 1e6 / _best(lambda: file_checksum(path),
                                                              args.repeats))
     finally:
-        shutil.rmtree(args.dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     result = {"mb": args.mb, "repeats": args.repeats, "unit": "MB/s (best of repeats)",
               "hash": hash_speeds(data, args.repeats), "save_with_fsync": saves,
               "verify_crc32_page_cache": verify,

@@ -14,14 +14,17 @@ Format 2: ``<checkpoint.dir>/step_00000300/``
   NumPy, megatron's tensor-parallel tracker), as tensors and plain values;
 * ``trainer.pt``: step, data loader position, MoE router/capacity states;
 * ``meta.json``: written last: step, resolved config, layout, package version,
-  and the index of every shard file (name, size) and every tensor's shards
-  (file, layout, shape, dtype).
+  the index of every shard file (name, size) and every tensor's shards
+  (file, layout, shape, dtype), and each file's checksum, taken as it was
+  saved (``checkpoint_verify.py``).
 
 Loading never runs code from a checkpoint: every ``.pt`` file holds only
 tensors and plain values and is read weights-only; a file that needs the full
 unpickler is refused unless ``checkpoint.allow_pickle`` (``checkpoint_io.py``).
 Every shard tensor is checked against its ``meta.json`` entry (shape, dtype)
-before it is used (``ShardReader``). Format 1 (before the Python/NumPy/tracker
+before it is used (``ShardReader``), every file against its checksum when the
+checkpoint is validated, and no file name from meta.json may lead outside
+the checkpoint's directory. Format 1 (before the Python/NumPy/tracker
 RNG states and the dtypes) still loads; what it lacks is not restored.
 
 Because every tensor is stored with its shard layout under a layout-free
@@ -52,6 +55,7 @@ from locmoe_train.checkpoint_dirs import (StepWrite, barrier, checkpoint_dir,  #
                                           find_resume, publish_step_dir, resolve, resume_point)
 from locmoe_train.checkpoint_io import (ALLOW_PICKLE_FLAG, ALLOW_PICKLE_KEY, check_loadable,
                                         check_plain, load_file, rng_state, set_rng_state)
+from locmoe_train.checkpoint_verify import agree, check_files, sync_and_checksum
 from locmoe_train.config import TrainConfig, upgrade_saved
 from locmoe_train.errors import UserError
 from locmoe_train.hooks import call as call_hooks
@@ -77,13 +81,14 @@ def _version() -> str:
         return "unknown"
 
 
-def save_synced(obj, path: str) -> None:
-    """``torch.save`` and fsync; ``obj`` must be tensors and plain values (``check_plain``)."""
+def save_synced(obj, path: str) -> str:
+    """``torch.save`` and fsync; ``obj`` must be tensors and plain values (``check_plain``).
+    Returns the file's checksum, taken during the fsync (``sync_and_checksum``)."""
     check_plain(obj, os.path.basename(path))
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
-        os.fsync(f.fileno())
+        return sync_and_checksum(f, path)
 
 
 def other_files(meta: dict) -> list[str]:
@@ -149,35 +154,46 @@ class Checkpointer:
                 index[key] = {"dim": None if scalar else info.dim, "rank": info.rank,
                               "size": info.size, "glu": info.glu, "shape": list(value.shape),
                               "dtype": dtype_name(value.dtype)}
-        shard_file = f"shards_rank{pctx.rank:05d}.pt"
-        write.attempt(shard_file, save_synced, tensors, os.path.join(write.tmp, shard_file))
+        shard_file, rng_file = f"shards_rank{pctx.rank:05d}.pt", f"rng_rank{pctx.rank:05d}.pt"
+        sums = {shard_file: write.attempt(shard_file, save_synced, tensors,
+                                          os.path.join(write.tmp, shard_file))}
         call_hooks(self.hooks, "after_shards", step)
-        rng_file = f"rng_rank{pctx.rank:05d}.pt"
-        write.attempt(rng_file, save_synced, rng_state(), os.path.join(write.tmp, rng_file))
-        gathered = write.gather((shard_file, index), sum(t.nbytes for t in tensors.values()))
+        sums[rng_file] = write.attempt(rng_file, save_synced, rng_state(),
+                                       os.path.join(write.tmp, rng_file))
+        gathered = write.gather((shard_file, index, sums),
+                                sum(t.nbytes for t in tensors.values()))
         meta = None
         if pctx.is_main:
             # Layout-free parts, identical on every rank (format 1 keys: loader, moe).
             others = {name: part.state_dict() for name, part in parts.items()
                       if name not in ("model", "optimizer")}
-            write.attempt("trainer.pt", save_synced, {"step": step, **others},
-                          os.path.join(write.tmp, "trainer.pt"))
+            checksums = {"trainer.pt": write.attempt("trainer.pt", save_synced,
+                                                     {"step": step, **others},
+                                                     os.path.join(write.tmp, "trainer.pt"))}
             shards: dict[str, list] = {}
-            for file, idx in gathered:
+            for file, idx, rank_sums in gathered:
+                checksums.update(rank_sums)
                 for key, info in idx.items():
                     shards.setdefault(key, []).append({"file": file, **info})
             meta = {"format": FORMAT, "step": step, "version": _version(),
                     "config": cfg.to_dict(), "layout": pctx.describe(),
                     "world_size": pctx.world_size, "tp": pctx.tp, "ep": pctx.ep,
-                    "dp": pctx.dp, "tensors": shards}
+                    "dp": pctx.dp, "tensors": shards, "checksums": dict(sorted(checksums.items()))}
         return write.publish(meta, cfg.checkpoint.keep)
 
     # ---- find ---------------------------------------------------------------
     def resolve_resume(self) -> Optional[str]:
         """The checkpoint to resume from, or None for a fresh start; checkpoints newer than
-        it are moved aside (``checkpoint_dirs.roll_back``)."""
+        it are moved aside (``checkpoint_dirs.roll_back``). Rank 0 finds it with the cheap
+        checks (sizes, names); then every rank verifies its share of the checksums."""
         return resume_point(self.cfg.checkpoint.resume, self.dir, "checkpoint.resume",
-                            validate_checkpoint, self.pctx)
+                            lambda path: validate_checkpoint(path, verify=False), self.pctx,
+                            verify=self.validate)
+
+    def validate(self, path: str) -> Optional[str]:
+        """``validate_checkpoint`` shared by the ranks: each checksums a part of the
+        files, all get the same answer. Every rank must call it, in the same order."""
+        return validate_checkpoint(path, pctx=self.pctx)
 
     # ---- load ---------------------------------------------------------------
     def load(self, path: str, parts: dict) -> int:
@@ -234,7 +250,8 @@ class Checkpointer:
                                 value = shards.full(key)
                             else:
                                 value = take_shard(full(key, info), info)
-                            opt_state[k] = value.clone().to(p.device if k != "step" else "cpu")
+                            # A copy: the shard is memory-mapped. The optimizer places it.
+                            opt_state[k] = value.clone()
                     if opt_state:
                         load_param_state(optimizer, p, opt_state)
         shards.close()
@@ -321,8 +338,8 @@ def _assemble(entries: list[dict], key: str, shard_tensor) -> torch.Tensor:
 
 
 def read_full_tensors(path: str, prefix: str = "model/", progress=None,
-                      allow_pickle: bool = False,
-                      option: str = ALLOW_PICKLE_FLAG) -> tuple[dict, dict]:
+                      allow_pickle: bool = False, option: str = ALLOW_PICKLE_FLAG,
+                      verify: bool = True) -> tuple[dict, dict]:
     """``(meta, {canonical name: full tensor})`` of a checkpoint, whatever layout saved it.
 
     Reads every tensor whose key starts with ``prefix`` (default: the model's
@@ -332,8 +349,9 @@ def read_full_tensors(path: str, prefix: str = "model/", progress=None,
     Raises ``UserError`` if ``path`` is not a complete checkpoint, if a shard does
     not match meta.json, or if one of its other ``.pt`` files would need the full
     unpickler (they are not read; ``allow_pickle`` accepts them, see ``check_loadable``).
+    ``verify=False`` skips the checksums (for a caller that has just validated ``path``).
     """
-    problem = validate_checkpoint(path)
+    problem = validate_checkpoint(path, verify=verify)
     if problem is not None:
         raise UserError(f"checkpoint {path} is not usable: {problem}")
     with open(os.path.join(path, "meta.json")) as f:
@@ -349,9 +367,23 @@ def read_full_tensors(path: str, prefix: str = "model/", progress=None,
     return meta, out
 
 
-def validate_checkpoint(path: str, kind: Optional[str] = None) -> Optional[str]:
+def validate_checkpoint(path: str, kind: Optional[str] = None, verify: bool = True,
+                        pctx: Optional[ParallelContext] = None) -> Optional[str]:
     """None if ``path`` is a complete checkpoint of ``kind`` (None: pre-training,
-    "adak": an Ada-K stage), else what is wrong with it."""
+    "adak": an Ada-K stage), else what is wrong with it: a file missing, of another
+    size, named outside the directory, or (``verify``, the default) whose bytes do not
+    match the checksum in meta.json. Verifying reads every file once.
+
+    With ``pctx`` of more than one rank this is a collective: every rank must call it
+    for the same path; each reads only its share of the files, and all return the
+    same answer (the first problem any rank found)."""
+    world = pctx.world_size if pctx is not None else 1
+    problem = _local_problem(path, kind, verify, pctx.rank if world > 1 else 0, world)
+    return agree(problem) if world > 1 else problem
+
+
+def _local_problem(path: str, kind: Optional[str], verify: bool, rank: int,
+                   world: int) -> Optional[str]:
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isdir(path):
         return "no such directory"
@@ -370,15 +402,7 @@ def validate_checkpoint(path: str, kind: Optional[str] = None) -> Optional[str]:
         return {None: "an Ada-K stage checkpoint, not a pre-training one (give it as adak.resume)",
                 "adak": "not an Ada-K stage checkpoint (pre-training checkpoints go to "
                         "--checkpoint)"}.get(kind, f"not a {kind} checkpoint")
-    if not isinstance(meta.get("files"), dict):
-        return "meta.json lists no files"
-    for file, size in meta["files"].items():
-        full = os.path.join(path, file)
-        if not os.path.exists(full):
-            return f"{file} is missing"
-        if os.path.getsize(full) != size:
-            return f"{file} has {os.path.getsize(full)} bytes, expected {size} (truncated?)"
-    return None
+    return check_files(path, meta, verify, rank, world)
 
 
 def check_compatible(saved: dict, current: dict, path: str) -> None:
@@ -394,20 +418,27 @@ def check_compatible(saved: dict, current: dict, path: str) -> None:
 
 
 def inspect_main(argv: list[str]) -> int:
-    """``locmoe-train inspect-checkpoint PATH``: summary and integrity check."""
+    """``locmoe-train inspect-checkpoint PATH [--verify]``: summary and integrity check
+    (every file's size and index; with ``--verify`` every byte against its checksum)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="locmoe-train inspect-checkpoint",
                                  description="Print a checkpoint's step, config summary, layout "
-                                             "and sizes, and check that it is complete.")
+                                             "and sizes, and check that it is complete "
+                                             "and that every tensor is where meta.json "
+                                             "says.")
     ap.add_argument("path", help="a step_* directory, or a checkpoint dir (uses 'latest')")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--verify", action="store_true",
+                    help="also read every file in full and compare it with the checksum "
+                         "taken when it was saved (exit status 2 naming a file that does "
+                         "not match)")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="unpickle a file that the safe (weights-only) loader refuses: it can "
                          "run code from the checkpoint; only for checkpoints you trust")
     args = ap.parse_args(argv)
     path = resolve(args.path)
-    problem = validate_checkpoint(path)
+    problem = validate_checkpoint(path, verify=args.verify)
     if problem is not None:
         raise UserError(f"checkpoint {path} is not usable: {problem}")
     with open(os.path.join(path, "meta.json")) as f:
@@ -433,13 +464,22 @@ def inspect_main(argv: list[str]) -> int:
                "model": f"{m['num_layers']} layers, hidden {m['hidden_size']}, "
                         f"{m['num_attention_heads']} heads, vocab {m['vocab_size']}",
                "moe": f"impl={moe['impl']} router={moe['router']} experts={moe['num_experts']} "
-                      f"top_k={moe['top_k']}", "status": "ok"}
+                      f"top_k={moe['top_k']}",
+               "checksums": _checksum_status(meta, args.verify), "status": "ok"}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         for key, value in summary.items():
             print(f"{key:>17}: {value}")
     return 0
+
+
+def _checksum_status(meta: dict, verified: bool) -> str:
+    if "checksums" not in meta:
+        return "none stored (saved by an older version): sizes checked only"
+    if verified:
+        return f"all {len(meta['files'])} files match"
+    return "stored, not checked (--verify reads every file and checks it)"
 
 
 def _numel(entry: dict) -> int:

@@ -253,16 +253,32 @@ def on_main(pctx, decide: Callable[[], object]):
     return value
 
 
-def resume_point(resume: Optional[str], ckpt_dir: str, key: str, validate, pctx) -> Optional[str]:
+def resume_point(resume: Optional[str], ckpt_dir: str, key: str, validate, pctx,
+                 verify: Optional[Callable[[str], Optional[str]]] = None) -> Optional[str]:
     """``find_resume`` decided on rank 0 (its warnings there), then ``roll_back`` there;
-    every rank gets the same path (or UserError) and leaves after the directory is settled."""
-    def decide():
-        path = find_resume(resume, ckpt_dir, key, validate, warn=True)
-        if path is not None:
-            roll_back(ckpt_dir, path)
-        return path
+    every rank gets the same path (or UserError) and leaves after the directory is settled.
 
-    return on_main(pctx, decide)
+    ``validate`` runs on rank 0 alone, so it must be cheap (sizes, names); ``verify``, if
+    given, is the collective check of the chosen checkpoint's contents (checksums, each
+    rank reading its share), called on every rank. A checkpoint it refuses is skipped as
+    ``validate`` would skip it: ``auto`` takes the next one, an explicit path exits 2."""
+    refused: dict[str, str] = {}
+
+    def checked(path: str) -> Optional[str]:
+        return refused.get(os.path.realpath(path)) or validate(path)
+
+    while True:
+        path = on_main(pctx, lambda: find_resume(resume, ckpt_dir, key, checked, warn=True))
+        problem = verify(path) if path is not None and verify is not None else None
+        if problem is None:
+            break
+        if resume != "auto":
+            raise UserError(f"{key}={resume!r}: {problem}")
+        refused[os.path.realpath(path)] = problem
+
+    if path is not None:
+        on_main(pctx, lambda: roll_back(ckpt_dir, path))
+    return path
 
 
 # ---- writing one step directory -------------------------------------------------------
@@ -325,12 +341,13 @@ class StepWrite:
         self.free = shutil.disk_usage(self.dir).free
         os.makedirs(self.tmp)
 
-    def attempt(self, what: str, write: Callable, *args) -> None:
-        """``write(*args)`` unless this rank failed already; an OSError is kept, not raised."""
+    def attempt(self, what: str, write: Callable, *args):
+        """``write(*args)`` (its result) unless this rank failed already; an OSError is
+        kept, not raised (the result is then None)."""
         if self.error is not None:
-            return
+            return None
         try:
-            write(*args)
+            return write(*args)
         except (OSError, RuntimeError) as e:
             cause = _os_error(e)
             if cause is None:

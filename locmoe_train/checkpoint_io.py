@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from locmoe_train.checkpoint_verify import bad_name
 from locmoe_train.errors import UserError
 
 # How the user allows unpickling (named in the refusal): the config key for training,
@@ -72,8 +73,9 @@ def load_file(ckpt: str, name: str, allow_pickle: bool = False,
     A file that unpickler refuses raises ``UserError`` naming the file and ``option``,
     unless ``allow_pickle`` is set; then (an explicit choice to trust the checkpoint,
     e.g. one written by other code) it is unpickled in full. A file that cannot be
-    read at all raises ``UserError`` too: never a traceback from inside torch."""
-    full = os.path.join(ckpt, name)
+    read at all raises ``UserError`` too: never a traceback from inside torch. So does a
+    ``name`` (from meta.json) that is not a plain name inside ``ckpt``: nothing is opened."""
+    full = _inside(ckpt, name)
     try:
         return torch.load(full, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -89,6 +91,14 @@ def load_file(ckpt: str, name: str, allow_pickle: bool = False,
         return _unpickle(full, mmap)
     except Exception as e:  # truncated, not a zip archive, I/O error...
         raise UserError(f"checkpoint {ckpt}: {name} cannot be read ({e})") from None
+
+
+def _inside(ckpt: str, name: str) -> str:
+    """``ckpt/name``; ``UserError`` if ``name`` could lead outside ``ckpt``."""
+    problem = bad_name(name)
+    if problem is not None:
+        raise UserError(f"checkpoint {ckpt}: {problem}.")
+    return os.path.join(ckpt, name)
 
 
 def _refusal(full: str, unsafe: list[str], advice: str) -> UserError:
@@ -110,7 +120,7 @@ def check_loadable(ckpt: str, names, allow_pickle: bool = False,
     ``names`` would need the full unpickler, without reading or unpickling any: for
     commands that do not need those files' content (``export-hf`` reads only shards)."""
     for name in names:
-        full = os.path.join(ckpt, name)
+        full = _inside(ckpt, name)
         unsafe = _unsafe_globals(full)
         if not unsafe:
             continue

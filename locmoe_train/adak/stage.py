@@ -54,10 +54,12 @@ def check_supported(cfg) -> None:
             f"--moe.max_nodes_per_token=null.")
 
 
-def resolve_base_checkpoint(path: str) -> str:
-    """A ``step_*`` directory, or a checkpoint directory whose ``latest`` names one."""
+def resolve_base_checkpoint(path: str, pctx=None) -> str:
+    """A ``step_*`` directory, or a checkpoint directory whose ``latest`` names one.
+    Without ``pctx`` (before the process groups exist) the files' checksums are not
+    read; with it, the ranks share that reading (every rank calls this)."""
     path = resolve(path)
-    problem = validate_checkpoint(path)
+    problem = validate_checkpoint(path, verify=pctx is not None, pctx=pctx)
     if problem is not None:
         raise UserError(f"--checkpoint {path!r} is not a usable pre-trained checkpoint: {problem}. "
                         f"Pass a step_* directory or a checkpoint.dir of a pre-training run.")
@@ -77,6 +79,7 @@ def build(cfg, pctx, base_path: str):
     from locmoe_train.train import build_run
 
     run = build_run(cfg, pctx)
+    resolve_base_checkpoint(base_path, pctx)  # now with the checksums
     Checkpointer(cfg, pctx, pickle_option=ALLOW_PICKLE_FLAG).load(base_path, {"model": run.model})
     for p in run.model.parameters():
         p.requires_grad_(False)
@@ -103,8 +106,10 @@ class StageCheckpoint:
         write = StepWrite(self.dir, step, pctx, resume_key="adak.resume")
         rng = dict(rng_state(), routers=[r.generator.get_state() for r in s.routers])
         rng_file = f"rng_rank{pctx.rank:05d}.pt"
-        write.attempt(rng_file, save_synced, rng, os.path.join(write.tmp, rng_file))
-        write.gather(None)
+        sums = {}
+        for rank_sums in write.gather({rng_file: write.attempt(
+                rng_file, save_synced, rng, os.path.join(write.tmp, rng_file))}):
+            sums.update(rank_sums)
         meta = None
         if pctx.is_main:
             # The allocators and their AdamW state are identical on every rank.
@@ -112,11 +117,12 @@ class StageCheckpoint:
                      "allocators": {l: r.alloc_weight.detach().cpu()
                                     for l, r in zip(s.layers, s.routers)},
                      "optimizer": s.optimizer.state_dict()}
-            write.attempt("state.pt", save_synced, state, os.path.join(write.tmp, "state.pt"))
+            sums["state.pt"] = write.attempt("state.pt", save_synced, state,
+                                             os.path.join(write.tmp, "state.pt"))
             meta = {"format": FORMAT, "kind": "adak", "step": step,
                     "base_checkpoint": os.path.abspath(self.base_path),
                     "world_size": pctx.world_size, "layout": pctx.describe(),
-                    "config": self.cfg.to_dict()}
+                    "config": self.cfg.to_dict(), "checksums": dict(sorted(sums.items()))}
         return write.publish(meta, self.cfg.adak.keep)
 
     def load(self, path: str) -> int:

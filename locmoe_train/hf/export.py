@@ -278,7 +278,9 @@ def _converted_state(path: str, meta: dict, cfg, plan: Plan, dtype: str,
     count = sum(1 for k in meta["tensors"] if k.startswith("model/"))
     bar = _progress(count, "reading checkpoint")
     try:
-        _, src = read_full_tensors(path, progress=bar.update, allow_pickle=allow_pickle)
+        # export() has validated path, checksums included: not read twice.
+        _, src = read_full_tensors(path, progress=bar.update, allow_pickle=allow_pickle,
+                                   verify=False)
     finally:
         bar.close()
     state = convert_tensors(cfg, src, plan.architecture, cfg.model.vocab_size)

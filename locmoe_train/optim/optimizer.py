@@ -57,12 +57,30 @@ def param_states(optimizer) -> dict:
 
 
 def load_param_state(optimizer, param: torch.Tensor, state: dict) -> None:
-    """Give ``param`` its full per-parameter ``state`` (the distributed optimizer keeps
-    this rank's slice)."""
+    """Give ``param`` its full per-parameter ``state``, each tensor where torch's AdamW
+    wants it (the distributed optimizer keeps this rank's slice, in the state it made
+    as AdamW would)."""
     if isinstance(optimizer, DistributedAdamW):
         optimizer.load_param_state(param, state)
-    else:
-        optimizer.state[param] = state
+        return
+    group = next(g for g in optimizer.param_groups if any(q is param for q in g["params"]))
+    optimizer.state[param] = {key: place_state(param, group, key, value)
+                              for key, value in state.items()}
+
+
+def place_state(param: torch.Tensor, group: dict, key: str, value):
+    """``value`` of state ``key`` on the device and dtype torch's own
+    ``Optimizer.load_state_dict`` gives it: ``step`` stays where it is (on the CPU, as
+    saved) unless the group is fused or capturable, whose kernels want it as fp32 on
+    the parameter's device; the moments go to the parameter's device and dtype.
+    Assigning the state directly would skip that policy, and a fused AdamW on a GPU
+    would then meet a CPU step. Uses torch's rule itself; it looks a parameter up by
+    id in saved-style groups, so one group that holds this parameter as id 0 is given."""
+    if not torch.is_tensor(value):
+        return value
+    flags = {"params": [0], "fused": group.get("fused"), "capturable": group.get("capturable")}
+    return torch.optim.Optimizer._process_value_according_to_param_policy(
+        param, value, 0, [flags], key)
 
 
 def state_parts(optimizer) -> dict[str, int]:

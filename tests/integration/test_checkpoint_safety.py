@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from helpers import assert_records_match, read_metrics, run_cli
+from locmoe_train.checkpoint_verify import file_checksum
 from test_old_checkpoint import FIXTURE, _timeless
 
 TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
@@ -75,12 +76,15 @@ def _copy(src: str, dst) -> str:
 
 def _rewrite(ckpt: str, name: str, obj) -> None:
     """Replace ``ckpt/name`` by ``obj`` saved with plain torch.save (which pickles
-    anything) and fix meta.json's size for it, so that only the content is wrong."""
+    anything) and fix meta.json's size and checksum for it, so that only the content
+    is wrong (as whoever crafts a file can do: the checksum detects damage only)."""
     torch.save(obj, os.path.join(ckpt, name))
     meta_path = os.path.join(ckpt, "meta.json")
     with open(meta_path) as f:
         meta = json.load(f)
     meta["files"][name] = os.path.getsize(os.path.join(ckpt, name))
+    if "checksums" in meta:  # the format-1 fixture has none
+        meta["checksums"][name] = file_checksum(os.path.join(ckpt, name))
     with open(meta_path, "w") as f:
         json.dump(meta, f)
 

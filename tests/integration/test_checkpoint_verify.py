@@ -268,3 +268,39 @@ def test_ranks_share_the_hashing_and_agree(run_copy):
     assert hashed0 == [SHARD]  # the largest file alone is the heavier share
     assert p0 == p1 and p1.startswith("trainer.pt does not match its checksum")
     assert sums0 == sums1 == {"rng_rank00000.pt": "0", "rng_rank00001.pt": "1"}
+
+
+def _resume_on_rank(rank: int, ckpt_dir: str, resume: str) -> tuple:
+    """Find the resume point as ``Checkpointer.resolve_resume`` does on 2 ranks: rank 0
+    alone runs the cheap checks, every rank verifies its share of the checksums.
+    Returns the path, or the UserError's message."""
+    from types import SimpleNamespace
+
+    from locmoe_train.checkpoint_dirs import resume_point
+
+    pctx = SimpleNamespace(rank=rank, world_size=2, is_main=rank == 0)
+    try:
+        return "ok", resume_point(resume, ckpt_dir, "checkpoint.resume",
+                                  lambda p: validate_checkpoint(p, verify=False), pctx,
+                                  verify=lambda p: validate_checkpoint(p, pctx=pctx))
+    except UserError as e:
+        return "error", str(e)
+
+
+def test_two_ranks_resume_past_a_damaged_checkpoint_together(run_copy):
+    """The checksum check is a collective that rank 0's choice must not skip: on 2 ranks
+    ``auto`` refuses the damaged newest checkpoint on both ranks, both take the previous
+    one, and the damaged one is moved aside, not deleted; an explicit path to it exits 2
+    on both ranks with the same message."""
+    ckpt = run_copy / "checkpoints"
+    _flip_middle(ckpt / "step_00000004" / SHARD)
+    explicit = str(ckpt / "step_00000004")
+    (k0, v0), (k1, v1) = run_ranks(_resume_on_rank, 2, str(ckpt), explicit)
+    assert k0 == k1 == "error" and v0 == v1
+    assert v0.startswith(f"checkpoint.resume={explicit!r}: {SHARD} does not match its checksum")
+    (k0, v0), (k1, v1) = run_ranks(_resume_on_rank, 2, str(ckpt), "auto")
+    assert (k0, v0) == (k1, v1) == ("ok", str(ckpt / "step_00000002"))
+    assert not (ckpt / "step_00000004").exists()
+    moved = [d for d in os.listdir(ckpt) if d.startswith("superseded-")]
+    assert len(moved) == 1 and os.path.isfile(ckpt / moved[0] / "step_00000004" / SHARD)
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"

@@ -185,8 +185,9 @@ echo "$(basename "$0") $*" >> "$STUB_LOG"
 @pytest.mark.parametrize("restarts", [None, "0", "1", "3"])
 def test_slurm_requeue_passes_the_lock_override(tmp_path, restarts):
     """A requeued job (SLURM_RESTART_COUNT > 0) takes over the killed attempt's run lock:
-    both the --check and the torchrun of every node get --logging.take_over_lock=true,
-    ahead of the user's overrides (so an explicit =false wins)."""
+    both the --check and the torchrun of every node get --logging.take_over_lock=true
+    and --checkpoint.resume=auto (it continues), ahead of the user's overrides (so an
+    explicit setting wins)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in [("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL),
@@ -204,7 +205,7 @@ def test_slurm_requeue_passes_the_lock_override(tmp_path, restarts):
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     requeued = restarts not in (None, "0")
-    over = ["--logging.take_over_lock=true"] if requeued else []
+    over = ["--logging.take_over_lock=true", "--checkpoint.resume=auto"] if requeued else []
     args = " ".join(["--config", "configs/x.yaml", *over, "--train.max_steps=5"])
     calls = sorted(line for line in (tmp_path / "calls.log").read_text().splitlines()
                    if not line.startswith("srun "))
@@ -213,5 +214,5 @@ def test_slurm_requeue_passes_the_lock_override(tmp_path, restarts):
         + [f"torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint="
            f"n1:{20000 + 4242} --rdzv-id=4242 --rdzv-conf=is_host={host} --max-restarts=0 "
            f"-m locmoe_train.train {args}" for host in (0, 1)])
-    assert ((f"requeued (SLURM_RESTART_COUNT={restarts}): passing --logging.take_over_lock=true"
-             in r.stdout) == requeued)
+    assert ((f"requeued (SLURM_RESTART_COUNT={restarts}): passing --logging.take_over_lock=true "
+             f"--checkpoint.resume=auto" in r.stdout) == requeued)

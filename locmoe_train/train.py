@@ -40,7 +40,7 @@ EXIT_CODES = {"completed": 0, "exit_at_step": 0, "nonfinite": 3, "save_failed": 
 # slow down or break another.
 SUBCOMMANDS = {
     "prepare-data": "locmoe_train.data.prepare:main",
-    "inspect-checkpoint": "locmoe_train.checkpoint:inspect_main",
+    "inspect-checkpoint": "locmoe_train.checkpoint_inspect:main",
     "sweep": "locmoe_train.sweep:main",
     "report": "locmoe_train.report:main",
     "export-hf": "locmoe_train.hf.export:main",

@@ -156,15 +156,3 @@ def agree(problem: Optional[str]) -> Optional[str]:
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, problem)
     return next((p for p in found if p is not None), None)
-
-
-def gather(sums: dict[str, str], world: int) -> dict[str, str]:
-    """Every rank's ``{file: checksum}``, merged, on every rank (a collective when
-    ``world`` > 1, which also makes sure every rank's files are written)."""
-    if world == 1:
-        return dict(sums)
-    import torch.distributed as dist
-
-    found = [None] * world
-    dist.all_gather_object(found, sums)
-    return {name: value for rank_sums in found for name, value in rank_sums.items()}

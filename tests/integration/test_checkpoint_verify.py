@@ -27,6 +27,7 @@ import torch
 from harness import run_ranks
 from locmoe_train import train
 from locmoe_train.checkpoint import ShardReader, read_full_tensors, validate_checkpoint
+from locmoe_train.checkpoint_dirs import StepWrite
 from locmoe_train.errors import UserError
 
 TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2",
@@ -255,9 +256,14 @@ def _validate_on_rank(rank: int, step_dir: str) -> tuple:
         hashed.append(os.path.basename(path))
         return real(path)
     checkpoint_verify.file_checksum = spy
-    pctx = SimpleNamespace(rank=rank, world_size=2)
+    pctx = SimpleNamespace(rank=rank, world_size=2, is_main=rank == 0)
     problem = validate_checkpoint(step_dir, pctx=pctx)
-    return problem, hashed, checkpoint_verify.gather({f"rng_rank{rank:05d}.pt": str(rank)}, 2)
+    # The save's gather (StepWrite, which the Ada-K stage's save uses too).
+    write = StepWrite(os.path.dirname(step_dir), 99, pctx)
+    sums = {}
+    for rank_sums in write.gather({f"rng_rank{rank:05d}.pt": str(rank)}):
+        sums.update(rank_sums)
+    return problem, hashed, sums
 
 
 def test_ranks_share_the_hashing_and_agree(run_copy):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import os
 import sys
@@ -122,6 +123,12 @@ class CheckpointConfig:
     # code, e.g. an older or patched version) is unpickled in full, which can run any
     # code the file names. Only for checkpoints you trust.
     allow_pickle: bool = False
+    # true: a save copies this rank's share of the state to host memory (pinned on a
+    # GPU) and writes it in a background thread while training goes on; it is published
+    # (meta.json, rename, `latest`) at the first step after every rank has written. The
+    # next save waits for it. A crash before that leaves the previous checkpoint latest.
+    # (The key is `checkpoint.async`; `async` is a Python keyword, so the field is async_.)
+    async_: bool = False
 
 
 @dataclass
@@ -249,7 +256,8 @@ class TrainConfig:
         return self.model.make_vocab_size_divisible_by
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self, dict_factory=lambda items: {
+            public_key(k): v for k, v in items})
 
 
 # ---------------------------------------------------------------------------
@@ -363,6 +371,17 @@ def parse_override_args(argv: list[str]) -> list[str]:
     return out
 
 
+def field_name(key: str) -> str:
+    """The dataclass field behind a config key: a key that is a Python keyword
+    (``checkpoint.async``) is a field with a trailing underscore."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def public_key(name: str) -> str:
+    """The config key of a dataclass field (``async_`` -> ``async``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def apply_override(cfg: TrainConfig, item: str) -> None:
     key, _, text = item.partition("=")
     key = _renamed_key(key)
@@ -372,9 +391,10 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
         path = ".".join(parts[: depth + 1])
         if not dataclasses.is_dataclass(obj):
             raise UserError(f"override {key!r}: {'.'.join(parts[:depth])} is not a section.")
-        fields = {f.name: f for f in dataclasses.fields(obj)}
+        fields = {public_key(f.name): f for f in dataclasses.fields(obj)}
         if name not in fields:
             raise UserError(_unknown_key_message(path, name, list(fields)))
+        name = field_name(name)
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, name)):
                 raise UserError(f"override {key!r} names a whole section; set one of its keys, "
@@ -393,7 +413,7 @@ def from_dict(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
         raise UserError(f"{prefix or 'config'} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [public_key(f.name) for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         path = _renamed_key(f"{prefix}.{key}" if prefix else str(key))
@@ -401,6 +421,7 @@ def from_dict(cls, data: Any, prefix: str):
         value = _renamed_value(path, value)
         if key not in names:
             raise UserError(_unknown_key_message(path, str(key), names))
+        key = field_name(key)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value or {}, path)

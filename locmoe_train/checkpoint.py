@@ -275,7 +275,7 @@ def _load_state(pieces: Assembler, optimizer, p, info) -> None:
         optimizer.load_param_ranges(
             p, lambda k, a, b: pieces.local(saved[k], info, a, b) if k in saved else None, step)
         return
-    opt_state = {k: pieces.local(key, info).view_as(p) for k, key in saved.items()
+    opt_state = {k: pieces.local(key, info).view_as(p).clone() for k, key in saved.items()
                  if k != "step"}
     if step is not None:
         opt_state["step"] = step

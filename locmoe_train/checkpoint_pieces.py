@@ -11,10 +11,12 @@ not cost. Here the header is computed from shapes alone, then each piece's bytes
 go straight from its tensor to the file (a GPU piece through one host copy at a
 time).
 
-Reading goes through the ``safetensors`` library (``safe_open``): the file is
-memory-mapped and a slice reads only its own bytes; nothing is unpickled. A
-format-2 checkpoint's ``.pt`` shard files are read with the weights-only
-unpickler, memory-mapped (``checkpoint_io.load_file``).
+Reading (``SafetensorsFile``) checks the header, memory-maps the file and hands
+out views of it: copying a range into a parameter or an optimizer slice reads
+only those bytes, with no buffer in between; nothing is unpickled. A format-2
+checkpoint's ``.pt`` shard files are read with the weights-only unpickler,
+memory-mapped too (``checkpoint_io.load_file``). The tests read our files with
+the ``safetensors`` library itself, so they stay standard.
 
 Not owned: which pieces a rank writes and how they are put back together
 (``checkpoint_plan.py``), meta.json (``checkpoint.py``).
@@ -116,7 +118,8 @@ class PieceFiles:
 
     def read(self, entry: dict, key: str, lo: int = 0, hi=None) -> torch.Tensor:
         """Elements ``[lo, hi)`` of the stored tensor of ``entry`` (flattened; a 0-dim
-        tensor is returned whole). Only those bytes are read from disk."""
+        tensor is returned whole), as a view of the memory-mapped file: copying it out
+        reads only those bytes. The caller copies what it keeps."""
         return self._stored(entry, key, (lo, hi))
 
     def _stored(self, entry: dict, key: str, span):
@@ -126,6 +129,7 @@ class PieceFiles:
         want = entry.get("range")
         want_shape = [want[1] - want[0]] if want is not None else entry.get("shape")
         dtype = entry.get("dtype")  # dtype: format 2 on
+        value = None
         if isinstance(handle, dict):
             value = handle.get(name)
             if not isinstance(value, torch.Tensor):
@@ -134,9 +138,8 @@ class PieceFiles:
         else:
             if name not in handle.keys():
                 raise self._refuse(file, f"has no tensor {name}, which meta.json lists")
-            value = handle.get_slice(name)
-            shape, got = list(value.get_shape()), dtype_name(_NAMES.get(value.get_dtype(),
-                                                                        value.get_dtype()))
+            shape, got_dtype = handle.describe(name)
+            got = dtype_name(got_dtype)
         if want_shape is not None and shape != list(want_shape):
             raise self._refuse(file, f"holds {name} with shape {shape}, but meta.json says "
                                      f"{list(want_shape)}")
@@ -145,25 +148,80 @@ class PieceFiles:
         if span is None:
             return None
         lo, hi = span
+        flat = value.reshape(-1) if value is not None else handle.flat(name)
         if not shape:
-            return value if isinstance(value, torch.Tensor) else value[...]
-        if isinstance(value, torch.Tensor):
-            return value.reshape(-1)[lo:hi]
-        if len(shape) != 1:  # our format-3 pieces are 1-D; anything else is read whole
-            return value[:].reshape(-1)[lo:hi]
-        return value[lo:hi]
+            return flat.reshape(())
+        return flat[lo:hi]
 
     def close(self) -> None:
         self.files.clear()
 
 
-def _open_safetensors(ckpt: str, file: str):
-    from safetensors import SafetensorError, safe_open
+_MAX_HEADER = 100_000_000  # bytes: safetensors' own limit
 
+
+class SafetensorsFile:
+    """A safetensors file, memory-mapped (privately: nothing is written back), whose
+    tensors are zero-copy views of the mapping: copying a range out of one reads only
+    those pages, and the pages stay file-backed memory the kernel can drop. The header is
+    checked before any view is made (dtypes, shapes, and byte ranges inside the file
+    that match them); a file that fails is refused with ``UserError``.
+
+    ``safetensors.safe_open`` reads the same files, but returns a fresh copy of every
+    slice it is asked for: at load that would be a second buffer per tensor."""
+
+    def __init__(self, ckpt: str, file: str):
+        self.where = f"checkpoint {ckpt}: {file}"
+        path = os.path.join(ckpt, file)
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
+                if n is None or n > min(_MAX_HEADER, size - 8):
+                    raise ValueError("no safetensors header")
+                header = json.loads(f.read(n))
+            self.data = n + 8
+            self.entries = self._check(header, size - self.data)
+            self.buf = (torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+                        if size else torch.empty(0, dtype=torch.uint8))
+        except (OSError, ValueError, struct.error, TypeError, KeyError) as e:
+            raise UserError(f"{self.where} cannot be read ({e})") from None
+
+    @staticmethod
+    def _check(header, data_len: int) -> dict:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        out = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _NAMES.get(e["dtype"])
+            shape = [int(d) for d in e["shape"]]
+            lo, hi = (int(x) for x in e["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if dtype is None or min(shape, default=0) < 0 or not 0 <= lo <= hi <= data_len or \
+                    hi - lo != numel * torch.empty(0, dtype=dtype).element_size():
+                raise ValueError(f"the header entry of {name} does not fit the file")
+            out[name] = (dtype, shape, lo, hi)
+        return out
+
+    def keys(self):
+        return self.entries.keys()
+
+    def describe(self, name: str) -> tuple[list[int], torch.dtype]:
+        dtype, shape, _, _ = self.entries[name]
+        return shape, dtype
+
+    def flat(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name``, flattened: a view of the mapping, no copy."""
+        dtype, _, lo, hi = self.entries[name]
+        return self.buf[self.data + lo:self.data + hi].view(dtype)
+
+
+def _open_safetensors(ckpt: str, file: str) -> SafetensorsFile:
     problem = bad_name(file)
     if problem is not None:
         raise UserError(f"checkpoint {ckpt}: {problem}.")
-    try:
-        return safe_open(os.path.join(ckpt, file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {ckpt}: {file} cannot be read ({e})") from None
+    return SafetensorsFile(ckpt, file)

@@ -171,7 +171,8 @@ class Assembler:
     def local(self, key: str, info: ShardInfo, lo: int = 0,
               hi: Optional[int] = None) -> torch.Tensor:
         """Elements ``[lo, hi)`` of this run's shard ``info`` of tensor ``key``, flattened
-        (a 0-dim tensor whole). Reads only those ranges when the saved split is this run's."""
+        (a 0-dim tensor whole). Reads only those ranges when the saved split is this run's;
+        may be a view of a memory-mapped file, so a caller that keeps it copies it."""
         entries = self.entries(key)
         first = entries[0]
         if not first["shape"]:
@@ -191,22 +192,21 @@ class Assembler:
                 hi: int) -> torch.Tensor:
         """Elements ``[lo, hi)`` of one shard from its pieces (``entries``)."""
         spans = sorted(((e.get("range") or [0, numel]), i) for i, e in enumerate(entries))
-        out, done = None, lo
+        parts, done = [], lo
         for (a, b), i in spans:
             if b <= done or a >= hi:
                 continue  # before the window, or a second copy (format 2 TP replicas)
             if a > done:
                 break
-            part = self.files.read(entries[i], key, done - a, min(b, hi) - a)
-            if out is None:
-                out = torch.empty(hi - lo, dtype=part.dtype)
-            out[done - lo:done - lo + part.numel()] = part
-            done += part.numel()
+            parts.append(self.files.read(entries[i], key, done - a, min(b, hi) - a))
+            done += parts[-1].numel()
         if done < hi:
             raise UserError(f"checkpoint {self.path}: the pieces of {key} in meta.json leave "
                             f"elements {done}..{hi} of its shard unwritten: meta.json was "
                             f"altered or the checkpoint is incomplete.")
-        return out if out is not None else torch.empty(0)
+        if len(parts) == 1:
+            return parts[0]  # a view of the file: the caller copies it where it belongs
+        return torch.cat(parts) if parts else torch.empty(0)
 
     def full(self, key: str) -> torch.Tensor:
         """The full tensor ``key``, assembled from every saved shard."""

@@ -19,7 +19,8 @@ import torch
 from locmoe_train.checkpoint import Checkpointer
 from locmoe_train.config import load_config
 from locmoe_train.optim.distributed import DistributedAdamW
-from locmoe_train.optim.optimizer import build_grad_sync, param_groups, param_states
+from helpers import adam_states
+from locmoe_train.optim.optimizer import build_grad_sync, param_groups
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
         "moe.num_experts=4", "moe.top_k=2", "moe.router=topk", "data.seq_len=16",
@@ -121,6 +122,6 @@ def test_a_fused_adamw_resumes_exactly_on_cpu(setup, distributed):
     _step(resumed, opt2, 1, pctx)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
-    want, got = param_states(opt), param_states(opt2)
+    want, got = adam_states(opt), adam_states(opt2)
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(want[p]["exp_avg_sq"], got[q]["exp_avg_sq"])

@@ -149,7 +149,7 @@ class PieceFiles:
             return None
         lo, hi = span
         flat = value.reshape(-1) if value is not None else handle.flat(name)
-        if not shape:
+        if not shape or entry.get("shape") == []:  # a 0-dim tensor (stored with 1 element)
             return flat.reshape(())
         return flat[lo:hi]
 

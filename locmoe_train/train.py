@@ -337,12 +337,13 @@ def main(argv: list[str] | None = None) -> int:
             module, func = SUBCOMMANDS[argv[0]].split(":")
             return getattr(importlib.import_module(module), func)(argv[1:])
         from locmoe_train.config import load_config
+        from locmoe_train.moe.impls import check_impl
 
         args, overrides = parse_args(argv)
         if args.config is None and not overrides:
             raise UserError("no config given: pass --config FILE (e.g. configs/quickstart.yaml) "
                             "and optional --section.key=value overrides.")
-        cfg = load_config(args.config, overrides)
+        cfg = check_impl(load_config(args.config, overrides))
         if args.check:
             from locmoe_train.data.blend import data_meta
             from locmoe_train.runlock import check_free

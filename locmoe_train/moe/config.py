@@ -1,11 +1,14 @@
 """The MoE layer's configuration: ``moe``, with its ``capacity`` and ``locmoe_plus`` sections.
 
 Owns the schema of the ``moe`` section and the checks that need nothing but
-it (``MoEConfig.validate``). Choices that belong to one component are asked
-of that component: the impl (``moe/impls.py``) validates its dispatcher and
-router choices, the router class validates its own settings. Checks that
-combine ``moe`` with other sections (experts per EP rank, expert widths per
-TP rank) live in the root ``TrainConfig.validate``.
+it (``MoEConfig.validate``), and describes what each ``moe.impl`` does with
+expert tensor parallelism (``default_etp``, ``check_etp``), so the root config
+resolves ``parallel.etp`` without importing an implementation. Choices that
+belong to one component are asked of that component where models are built
+(``moe/impls.py``, ``check_impl``): the impl validates its dispatcher and
+router choices, the router class its own settings. Checks that combine
+``moe`` with other sections (experts per EP rank, expert widths per TP rank)
+live in the root ``TrainConfig.validate``.
 """
 
 from __future__ import annotations
@@ -158,8 +161,6 @@ class MoEConfig:
 
     def validate(self) -> "MoEConfig":
         """Checks of the ``moe`` section alone (the config is not changed)."""
-        from locmoe_train.moe.impls import impl_class
-
         for key in ("num_experts", "top_k"):
             if getattr(self, key) < 1:
                 raise UserError(f"moe.{key}={getattr(self, key)} must be a positive integer.")
@@ -182,5 +183,18 @@ class MoEConfig:
             raise UserError(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 1 "
                             f"(or null for no limit).")
         self.capacity.validate()
-        impl_class(self.impl).validate(self)
         return self
+
+    # ---- what each impl does with expert tensor parallelism ------------------
+    # native keeps whole experts on each rank (replicated over TP, sharded over EP);
+    # megatron-core's MoELayer splits experts over parallel.tp unless told otherwise.
+    def default_etp(self, tp: int) -> int:
+        """The expert tensor-parallel size ``parallel.etp: null`` resolves to."""
+        return tp if self.impl == "megatron" else 1
+
+    def check_etp(self, etp: int) -> None:
+        if self.impl == "native" and etp != 1:
+            raise UserError(
+                f"moe.impl=native keeps whole experts on each rank (expert tensor parallel 1), "
+                f"but parallel.etp={etp}: set parallel.etp=1 (experts are then replicated over "
+                f"TP ranks and sharded over parallel.ep), or use moe.impl=megatron.")

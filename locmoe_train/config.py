@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional
 
 from locmoe_train.adak.config import AdaKConfig
 from locmoe_train.config_load import (RENAMED_KEYS, RENAMED_VALUES, _noted,  # noqa: F401
-                                      _read_yaml, apply_override, dump_config, from_dict,
+                                      _read_yaml, apply_override, config_yaml, dump_config,
+                                      from_dict,
                                       parse_override_args, upgrade_saved)
 from locmoe_train.data.layout import check_batch_layout
 from locmoe_train.errors import UserError
@@ -35,7 +36,9 @@ from locmoe_train.parallel.config import ParallelConfig
 @dataclass
 class BlendSource:
     """One part of ``data.blend``: a prepared directory and its share of the samples."""
+    # A directory written by `locmoe-train prepare-data`.
     path: str = ""
+    # Its share of the samples (weights are normalised over the blend).
     weight: float = 1.0
     # Its name in logs (val/<name>/loss, data/<name>/samples); default: the directory's name.
     name: Optional[str] = None
@@ -45,7 +48,9 @@ class BlendSource:
 class DataConfig:
     # Directory written by `locmoe-train prepare-data`.
     path: str = "data/stdlib"
+    # Tokens per training sample (sequence length).
     seq_len: int = 128
+    # Shuffle the training samples each epoch (seeded by train.seed).
     shuffle: bool = True
     # Several prepared directories mixed by weight, [{path: A, weight: 0.3}, {path: B,
     # weight: 0.7}] (weights are normalised); when set, data.path is not read.
@@ -54,13 +59,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # Peak learning rate (AdamW), reached after the warmup.
     lr: float = 1e-3
+    # Learning rate at the end of the schedule; in [0, optim.lr].
     min_lr: float = 1e-4
+    # Steps of linear warmup from 0 to optim.lr.
     warmup_steps: int = 20
+    # Decay from optim.lr to optim.min_lr after the warmup.
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # AdamW weight decay (0: none).
     weight_decay: float = 0.1
+    # AdamW beta1.
     beta1: float = 0.9
+    # AdamW beta2.
     beta2: float = 0.95
+    # AdamW epsilon.
     eps: float = 1e-8
     # Max global gradient norm; 0 disables clipping.
     grad_clip: float = 1.0
@@ -71,12 +84,17 @@ class OptimConfig:
 
 @dataclass
 class TrainingConfig:
+    # Optimizer steps of the run (the LR schedule spans them).
     max_steps: int = 200
+    # Sequences per optimizer step, over all data-parallel ranks.
     global_batch_size: int = 16
+    # Sequences per forward/backward on one rank; gradients accumulate to the global batch.
     micro_batch_size: int = 4
+    # Seed of initialisation, data order and routing randomness.
     seed: int = 1234
     # Validation loss every N steps (0: only at the end).
     eval_interval: int = 50
+    # Validation samples per evaluation.
     eval_samples: int = 64
     # auto = bf16 autocast on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -92,6 +110,7 @@ class TrainingConfig:
     # update). skip: stop after nonfinite_patience such steps in a row; stop: at the
     # first. Either way the exit status is 3 and the last checkpoint is kept.
     nonfinite: Literal["skip", "stop"] = "skip"
+    # train.nonfinite=skip: non-finite steps in a row before the run stops.
     nonfinite_patience: int = 5
 
 
@@ -122,19 +141,26 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    # Directory of the run's outputs (config.yaml, metrics.jsonl, checkpoints, lock).
     run_dir: str = "runs/default"
+    # Log metrics every N steps (metrics are reduced once per interval).
     log_interval: int = 10
+    # Print metrics to the console.
     console: bool = True
+    # Write metrics to <run_dir>/metrics.jsonl.
     jsonl: bool = True
     # Event files in <run_dir>/tensorboard (pip install 'locmoe-train[tensorboard]').
     tensorboard: bool = False
     # A wandb run in <run_dir>/wandb (pip install 'locmoe-train[wandb]'); offline
     # needs no network or account: `wandb sync <run_dir>/wandb/offline-run-*` later.
     wandb: bool = False
+    # The wandb project (logging.wandb=true).
     wandb_project: str = "locmoe-train"
+    # The wandb entity (team or user); null: wandb's default.
     wandb_entity: Optional[str] = None
     # null: the run directory's name.
     wandb_name: Optional[str] = None
+    # offline: write locally, sync later; online: upload while training; disabled: no wandb run.
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     # Take over a run lock that names another host: only when no run is alive there
     # (launch/slurm.sbatch sets it on a requeue). A held lock is never taken.

@@ -236,11 +236,16 @@ def _unknown_key_message(path: str, name: str, choices: list[str]) -> str:
 
 
 
+def config_yaml(cfg: Any) -> str:
+    """The config as YAML, sections and keys in declaration order."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def dump_config(cfg: Any, path: str) -> None:
     """Write the resolved config as YAML (atomically: temp file, then rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        f.write(config_yaml(cfg))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -36,6 +36,7 @@ class CapacityConfig:
     rho: float = 0.5
     # C0 = ceil(factor0 * seq_len * top_k / num_experts)
     factor0: float = 1.1
+    # Steps between re-estimations of C (policy=controller).
     interval: int = 100
     # No re-estimation before this optimizer step.
     warmup: int = 100
@@ -52,10 +53,15 @@ class CapacityConfig:
     # more than `rollback_tolerance` (relative). Then no cut for `rollback_holdoff`
     # re-estimations, doubled after each consecutive rollback.
     rollback_window: int = 50
+    # Rollback guard: standard errors by which the window after a cut must be worse (see rollback_window).
     rollback_sigma: float = 3.0
+    # Rollback guard: relative loss increase a cut must also exceed to be undone (see rollback_window).
     rollback_tolerance: float = 0.01
+    # Rollback guard: re-estimations without a cut after a rollback, doubled after each consecutive one.
     rollback_holdoff: int = 2
+    # policy=linear_decay: the capacity factor reached at the end of the decay.
     decay_to: float = 0.66
+    # policy=linear_decay: the fraction of train.max_steps over which the factor falls.
     decay_fraction: float = 0.1
 
     def validate(self) -> None:
@@ -119,7 +125,9 @@ class MoEConfig:
     # top-k), expert_choice (Zhou et al. 2022), aux_free (DeepSeek-V3 sigmoid
     # scores + load-driven bias), hash (token-id hash), locmoe_plus.
     router: str = "topk"
+    # Experts per MoE layer; parallel.ep must divide it.
     num_experts: int = 8
+    # Experts each token is routed to (expert_choice: average experts per token).
     top_k: int = 2
     # Per-expert SwiGLU width; null = model.ffn_hidden_size.
     ffn_hidden_size: Optional[int] = None
@@ -139,13 +147,16 @@ class MoEConfig:
     # Expert FFN implementation: grouped GEMM, per-expert loop, or auto
     # (grouped on CUDA, loop on CPU).
     experts: Literal["auto", "grouped", "loop"] = "auto"
+    # Weight of the load-balancing auxiliary loss (0: off).
     aux_loss_coeff: float = 0.01
+    # Weight of the router z-loss on the routing logits (0: off).
     z_loss_coeff: float = 0.0
     # aux_free router: bias step per optimizer step (DeepSeek-V3's gamma).
     bias_update_rate: float = 1e-3
     # LocMoE locality loss mu * KL(D_c || D_l); active only when the experts of
     # the EP group live on more than one node (real or parallel.ranks_per_node).
     locality_loss_coeff: float = 0.0
+    # Smoothing of the locality loss target D_l: (1 - eps) on the same node's experts, eps spread over all (0 to 1).
     locality_eps: float = 0.1
     # A learned per-node bias on the routing scores (topk, locmoe_plus), the term the
     # locality loss trains: a router that sees only the token cannot raise the

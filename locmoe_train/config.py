@@ -1,46 +1,44 @@
-"""Typed run configuration: the root ``TrainConfig``, YAML load/dump, overrides, coercion.
+"""Typed run configuration: the root ``TrainConfig``, ``load_config`` and the cross-section checks.
 
 Owns the root of a run's schema and the small sections (data, optim, train,
 checkpoint, logging); the others live beside their components, each with its
 own ``validate()``: ``model/config.py``, ``moe/config.py`` (with ``capacity``
-and ``locmoe_plus``), ``parallel/config.py``, ``adak/config.py``. This module
-turns YAML and ``--section.key=value`` overrides into the schema with type
-checks that name the key path, accepts deprecated spellings with a note
-(``RENAMED_KEYS``, ``RENAMED_VALUES``; ``upgrade_saved`` for saved configs),
-and runs the checks that span sections (``TrainConfig.validate``, which
-never changes the config: derived values such as ``expert_tp`` are
-properties). Checks that need the world size live in ``parallel/state.py``.
-Nothing else parses config files.
+and ``locmoe_plus``), ``parallel/config.py``, ``adak/config.py``. Reading
+YAML and overrides is ``config_load.py``. ``TrainConfig.validate`` runs the
+checks that span sections and never changes the config (derived values such
+as ``expert_tp`` are properties). Checks that need the world size live in
+``parallel/state.py``.
+
+Imports run one way: nothing here imports an MoE implementation (router,
+dispatcher, layer, runtime). The checks that ask the implementation chosen by
+``moe.impl`` and ``moe.router`` (``moe/impls.py``, ``check_impl``) run where
+models are built and where the entry points load a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import keyword
-import math
-import os
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-import yaml
-
 from locmoe_train.adak.config import AdaKConfig
-from locmoe_train.errors import UserError
+from locmoe_train.config_load import (RENAMED_KEYS, RENAMED_VALUES, _noted,  # noqa: F401
+                                      _read_yaml, apply_override, config_yaml, dump_config,
+                                      from_dict, parse_override_args, public_key,
+                                      upgrade_saved)
 from locmoe_train.data.layout import check_batch_layout
+from locmoe_train.errors import UserError
 from locmoe_train.model.config import ModelConfig
 from locmoe_train.moe.config import CapacityConfig, LocMoEPlusConfig, MoEConfig  # noqa: F401
-from locmoe_train.moe.impls import impl_class
 from locmoe_train.parallel.config import ParallelConfig
 
 
 @dataclass
 class BlendSource:
     """One part of ``data.blend``: a prepared directory and its share of the samples."""
+    # A directory written by `locmoe-train prepare-data`.
     path: str = ""
+    # Its share of the samples (weights are normalised over the blend).
     weight: float = 1.0
     # Its name in logs (val/<name>/loss, data/<name>/samples); default: the directory's name.
     name: Optional[str] = None
@@ -50,7 +48,9 @@ class BlendSource:
 class DataConfig:
     # Directory written by `locmoe-train prepare-data`.
     path: str = "data/stdlib"
+    # Tokens per training sample (sequence length).
     seq_len: int = 128
+    # Shuffle the training samples each epoch (seeded by train.seed).
     shuffle: bool = True
     # Several prepared directories mixed by weight, [{path: A, weight: 0.3}, {path: B,
     # weight: 0.7}] (weights are normalised); when set, data.path is not read.
@@ -59,13 +59,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # Peak learning rate (AdamW), reached after the warmup.
     lr: float = 1e-3
+    # Learning rate at the end of the schedule; in [0, optim.lr].
     min_lr: float = 1e-4
+    # Steps of linear warmup from 0 to optim.lr.
     warmup_steps: int = 20
+    # Decay from optim.lr to optim.min_lr after the warmup.
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # AdamW weight decay (0: none).
     weight_decay: float = 0.1
+    # AdamW beta1.
     beta1: float = 0.9
+    # AdamW beta2.
     beta2: float = 0.95
+    # AdamW epsilon.
     eps: float = 1e-8
     # Max global gradient norm; 0 disables clipping.
     grad_clip: float = 1.0
@@ -76,12 +84,17 @@ class OptimConfig:
 
 @dataclass
 class TrainingConfig:
+    # Optimizer steps of the run (the LR schedule spans them).
     max_steps: int = 200
+    # Sequences per optimizer step, over all data-parallel ranks.
     global_batch_size: int = 16
+    # Sequences per forward/backward on one rank; gradients accumulate to the global batch.
     micro_batch_size: int = 4
+    # Seed of initialisation, data order and routing randomness.
     seed: int = 1234
     # Validation loss every N steps (0: only at the end).
     eval_interval: int = 50
+    # Validation samples per evaluation.
     eval_samples: int = 64
     # auto = bf16 autocast on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -97,6 +110,7 @@ class TrainingConfig:
     # update). skip: stop after nonfinite_patience such steps in a row; stop: at the
     # first. Either way the exit status is 3 and the last checkpoint is kept.
     nonfinite: Literal["skip", "stop"] = "skip"
+    # train.nonfinite=skip: non-finite steps in a row before the run stops.
     nonfinite_patience: int = 5
 
 
@@ -123,29 +137,37 @@ class CheckpointConfig:
     # code, e.g. an older or patched version) is unpickled in full, which can run any
     # code the file names. Only for checkpoints you trust.
     allow_pickle: bool = False
-    # true: a save copies this rank's share of the state to host memory (pinned on a
-    # GPU) and writes it in a background thread while training goes on; it is published
-    # (meta.json, rename, `latest`) at the first step after every rank has written. The
-    # next save waits for it. A crash before that leaves the previous checkpoint latest.
-    # (The key is `checkpoint.async`; `async` is a Python keyword, so the field is async_.)
+    # Write checkpoints in the background: a save copies this rank's share of the state
+    # to host memory (pinned on a GPU) and a thread writes it while training goes on;
+    # it is published (meta.json, rename, `latest`) at the first step after every rank
+    # has written, and the next save waits for it. A crash before that leaves the
+    # previous checkpoint as `latest`. (Key `checkpoint.async`; `async` is a Python
+    # keyword, so the field is named async_.)
     async_: bool = False
 
 
 @dataclass
 class LoggingConfig:
+    # Directory of the run's outputs (config.yaml, metrics.jsonl, checkpoints, lock).
     run_dir: str = "runs/default"
+    # Log metrics every N steps (metrics are reduced once per interval).
     log_interval: int = 10
+    # Print metrics to the console.
     console: bool = True
+    # Write metrics to <run_dir>/metrics.jsonl.
     jsonl: bool = True
     # Event files in <run_dir>/tensorboard (pip install 'locmoe-train[tensorboard]').
     tensorboard: bool = False
     # A wandb run in <run_dir>/wandb (pip install 'locmoe-train[wandb]'); offline
     # needs no network or account: `wandb sync <run_dir>/wandb/offline-run-*` later.
     wandb: bool = False
+    # The wandb project (logging.wandb=true).
     wandb_project: str = "locmoe-train"
+    # The wandb entity (team or user); null: wandb's default.
     wandb_entity: Optional[str] = None
     # null: the run directory's name.
     wandb_name: Optional[str] = None
+    # offline: write locally, sync later; online: upload while training; disabled: no wandb run.
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     # Take over a run lock that names another host: only when no run is alive there
     # (launch/slurm.sbatch sets it on a requeue). A held lock is never taken.
@@ -180,7 +202,7 @@ class TrainConfig:
         if p.etp is not None and p.etp < 1:
             raise UserError(f"parallel.etp={p.etp} must be >= 1 (or null for the default).")
         etp = self.expert_tp
-        impl_class(moe.impl).check_etp(etp)
+        moe.check_etp(etp)
         if moe.num_experts % p.ep:
             raise UserError(
                 f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}: "
@@ -239,7 +261,7 @@ class TrainConfig:
         """Expert tensor-parallel size: ``parallel.etp``, or the impl's default for null."""
         if self.parallel.etp is not None:
             return self.parallel.etp
-        return impl_class(self.moe.impl).default_etp(self.parallel.tp)
+        return self.moe.default_etp(self.parallel.tp)
 
     @property
     def dense_ffn_hidden_size(self) -> int:
@@ -260,240 +282,20 @@ class TrainConfig:
             public_key(k): v for k, v in items})
 
 
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
-
-# Deprecated spellings, still accepted (with a note) in YAML files, overrides and the
-# configs saved in checkpoints and run directories: old -> new.
-RENAMED_KEYS = {"moe.locmoe": "moe.locmoe_plus"}
-RENAMED_VALUES = {"moe.impl": {"locmoe": "native"}}
-_noted: set[str] = set()
-
-
-def _deprecated(old: str, new: str, quiet: bool) -> None:
-    if quiet or old in _noted:
-        return
-    _noted.add(old)
-    print(f"note: {old} is deprecated, use {new} (the old spelling still works).",
-          file=sys.stderr, flush=True)
-
-
-def _renamed_key(path: str, quiet: bool = False) -> str:
-    for old, new in RENAMED_KEYS.items():
-        if path == old or path.startswith(old + "."):
-            _deprecated(old, new, quiet)
-            return new + path[len(old):]
-    return path
-
-
-def _renamed_value(path: str, value: Any, quiet: bool = False) -> Any:
-    table = RENAMED_VALUES.get(path, {})
-    if isinstance(value, str) and value in table:
-        _deprecated(f"{path}={value}", f"{path}={table[value]}", quiet)
-        return table[value]
-    return value
-
-
-def upgrade_saved(raw: dict) -> dict:
-    """A saved config dict (checkpoint meta, a run's config.yaml) in today's spelling."""
-    def walk(d: dict, prefix: str) -> dict:
-        out = {}
-        for key, value in d.items():
-            path = _renamed_key(f"{prefix}{key}", quiet=True)
-            name = path.rsplit(".", 1)[-1]
-            out[name] = (walk(value, path + ".") if isinstance(value, dict)
-                         else _renamed_value(path, value, quiet=True))
-        return out
-    return walk(raw, "")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Build a validated config from an optional YAML file plus dotted overrides."""
+    """Build a validated config from an optional YAML file plus dotted overrides.
+
+    The implementation's own checks (router and dispatcher names, router
+    settings) are ``moe.impls.check_impl``, run by whoever builds a model.
+    """
     raw = _read_yaml(path, []) if path is not None else {}
     cfg = from_dict(TrainConfig, raw, "")
     for item in overrides or []:
         apply_override(cfg, item)
     return cfg.validate()
 
-
-def _read_yaml(path: str, chain: list[str]) -> dict:
-    """Read a config file; a top-level ``base: other.yaml`` (relative to this file) is
-    loaded first and this file's sections are merged over it key by key."""
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} does not exist: pass --config with the path "
-                        f"of a YAML file (see configs/).")
-    if os.path.abspath(path) in chain:
-        raise UserError(f"config file {path!r} includes itself through 'base:'.")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path!r} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {path!r} must hold a mapping of sections, "
-                        f"got {type(raw).__name__}.")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise UserError(f"'base' in {path!r} must be a file path, got {base!r}.")
-    merged = _read_yaml(os.path.join(os.path.dirname(path), base), chain + [os.path.abspath(path)])
-    return _merge(merged, raw)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override_args(argv: list[str]) -> list[str]:
-    """Turn ``--a.b=v`` and ``--a.b v`` into ``a.b=v`` strings."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise UserError(f"unrecognised argument {arg!r}: overrides look like "
-                            f"--section.key=value (e.g. --train.max_steps=50).")
-        body = arg[2:]
-        if "=" not in body:
-            if i + 1 >= len(argv):
-                raise UserError(f"override {arg!r} has no value: write {arg}=VALUE.")
-            body = f"{body}={argv[i + 1]}"
-            i += 1
-        out.append(body)
-        i += 1
-    return out
-
-
-def field_name(key: str) -> str:
-    """The dataclass field behind a config key: a key that is a Python keyword
-    (``checkpoint.async``) is a field with a trailing underscore."""
-    return key + "_" if keyword.iskeyword(key) else key
-
-
-def public_key(name: str) -> str:
-    """The config key of a dataclass field (``async_`` -> ``async``)."""
-    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
-
-
-def apply_override(cfg: TrainConfig, item: str) -> None:
-    key, _, text = item.partition("=")
-    key = _renamed_key(key)
-    parts = key.split(".")
-    obj: Any = cfg
-    for depth, name in enumerate(parts):
-        path = ".".join(parts[: depth + 1])
-        if not dataclasses.is_dataclass(obj):
-            raise UserError(f"override {key!r}: {'.'.join(parts[:depth])} is not a section.")
-        fields = {public_key(f.name): f for f in dataclasses.fields(obj)}
-        if name not in fields:
-            raise UserError(_unknown_key_message(path, name, list(fields)))
-        name = field_name(name)
-        if depth == len(parts) - 1:
-            if dataclasses.is_dataclass(getattr(obj, name)):
-                raise UserError(f"override {key!r} names a whole section; set one of its keys, "
-                                f"e.g. --{key}.{dataclasses.fields(getattr(obj, name))[0].name}=...")
-            try:
-                value = yaml.safe_load(text) if text != "" else ""
-            except yaml.YAMLError:
-                value = text
-            hint = typing.get_type_hints(type(obj))[name]
-            setattr(obj, name, _coerce(_renamed_value(path, value), hint, path))
-        else:
-            obj = getattr(obj, name)
-
-
-def from_dict(cls, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'config'} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [public_key(f.name) for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = _renamed_key(f"{prefix}.{key}" if prefix else str(key))
-        key = path.rsplit(".", 1)[-1]
-        value = _renamed_value(path, value)
-        if key not in names:
-            raise UserError(_unknown_key_message(path, str(key), names))
-        key = field_name(key)
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, path)
-        else:
-            kwargs[key] = _coerce(value, hint, path)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check ``value`` against a type hint; ints and numeric strings widen to floats, nothing else converts."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except UserError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise UserError(f"{path}={value!r} is not one of {', '.join(map(repr, choices))}.")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            # No float setting means anything at inf or NaN (none is a "no limit"), and
-            # range checks like `lr > 0` let inf through.
-            if not math.isfinite(number):
-                raise UserError(f"{path}={number} is not a finite number; every number in the "
-                                f"config must be finite: give a finite value.")
-            return number
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
-            return from_dict(hint, value, path)
-    elif origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, list):
-            return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    else:  # pragma: no cover - schema bug
-        raise TypeError(f"unsupported config type {hint} at {path}")
-    expected = getattr(hint, "__name__", str(hint))
-    raise UserError(f"{path}={value!r} has the wrong type: expected {expected}, "
-                    f"got {type(value).__name__}.")
-
-
-def _unknown_key_message(path: str, name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown config key {path!r}.{hint} Valid keys here: {', '.join(choices)}."
 
 
 def _get(cfg: TrainConfig, key: str) -> Any:
@@ -530,12 +332,3 @@ def _positive(cfg: TrainConfig, keys: list[str]) -> None:
         if v < 1:
             raise UserError(f"{key}={v} must be a positive integer.")
 
-
-def dump_config(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config as YAML (atomically: temp file, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -10,7 +10,9 @@ after a clean stop, 1 on a crash.
 
 Subcommands (table SUBCOMMANDS below): ``prepare-data``, ``inspect-checkpoint``,
 ``sweep``, ``report``, ``export-hf``, ``adak``; e.g.
-``locmoe-train inspect-checkpoint PATH``. With ``--check``
+``locmoe-train inspect-checkpoint PATH``. ``--help-config`` lists every
+config key (``config_help.py``); ``--print-config`` prints the resolved
+config of ``--config`` plus overrides. With ``--check``
 it validates the config, the parallel layout for ``--world-size`` and the
 data directory and that a fresh start does not land among another run's
 checkpoints, then exits (launch scripts run it before torchrun so that a
@@ -69,6 +71,12 @@ def parse_args(argv: list[str]):
                         help="validate config, layout and data, then exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --check: the number of processes to validate for")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (--config plus overrides) as YAML, "
+                             "then exit without training")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its type, default and description, "
+                             "then exit")
     args, rest = parser.parse_known_args(argv)
     from locmoe_train.config import parse_override_args
 
@@ -198,7 +206,6 @@ def run(cfg) -> str:
     from locmoe_train.parallel.launch import launched_rank, launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
     from locmoe_train.runlock import acquire
-    from locmoe_train.sinks.base import strict_json
     from locmoe_train.train_step import TrainStep
     from locmoe_train.trainer import Cadence, Trainer
 
@@ -243,19 +250,8 @@ def run(cfg) -> str:
                           saver=ckpt)
         outcome = trainer.fit()
         if pctx.is_main:
-            summary = {"outcome": outcome, "steps": trainer.step,
-                       "val_loss": (trainer.last_eval or {}).get("val_loss"),
-                       "wall_time_s": round(time.time() - t_start, 2),
-                       "params": counts, "layout": pctx.describe()}
-            with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
-                f.write(strict_json(summary, indent=2))  # a NaN val_loss: null
-            if outcome == "nonfinite":
-                kept = trainer.last_checkpoint or resume_from
-                print(f"error: {step_fn.guard.message(kept)}", file=sys.stderr, flush=True)
-            else:
-                print(f"done: {outcome} after {trainer.step} steps in "
-                      f"{summary['wall_time_s']:.1f}s; outputs in {cfg.logging.run_dir}",
-                      flush=True)
+            write_summary(cfg, pctx, trainer, outcome, counts, time.time() - t_start,
+                          kept=trainer.last_checkpoint or resume_from)
         if outcome == "nonfinite" and pctx.world_size > 1:
             # Every rank exits 3; torchrun ends the others when the first one does, so
             # they wait here until rank 0 has written its summary and error line.
@@ -269,6 +265,23 @@ def run(cfg) -> str:
         destroy_parallel()
         if lock is not None:
             lock.release()
+
+
+def write_summary(cfg, pctx, trainer, outcome: str, counts, wall_s: float, kept) -> None:
+    """Rank 0 at the end: ``summary.json`` and the last console line (``kept``: the
+    checkpoint a non-finite stop leaves to resume from)."""
+    from locmoe_train.sinks.base import strict_json
+
+    summary = {"outcome": outcome, "steps": trainer.step,
+               "val_loss": (trainer.last_eval or {}).get("val_loss"),
+               "wall_time_s": round(wall_s, 2), "params": counts, "layout": pctx.describe()}
+    with open(os.path.join(cfg.logging.run_dir, "summary.json"), "w") as f:
+        f.write(strict_json(summary, indent=2))  # a NaN val_loss: null
+    if outcome == "nonfinite":
+        print(f"error: {trainer.guard.message(kept)}", file=sys.stderr, flush=True)
+    else:
+        print(f"done: {outcome} after {trainer.step} steps in {summary['wall_time_s']:.1f}s; "
+              f"outputs in {cfg.logging.run_dir}", flush=True)
 
 
 def startup_summary(cfg, pctx, counts, meta, precision, n_train, blend=None,
@@ -340,10 +353,23 @@ def main(argv: list[str] | None = None) -> int:
         from locmoe_train.config import load_config
 
         args, overrides = parse_args(argv)
+        if args.help_config:
+            from locmoe_train.config_help import help_text
+
+            print(help_text(), end="")
+            return 0
         if args.config is None and not overrides:
             raise UserError("no config given: pass --config FILE (e.g. configs/quickstart.yaml) "
                             "and optional --section.key=value overrides.")
         cfg = load_config(args.config, overrides)
+        from locmoe_train.moe.impls import check_impl  # after --help-config: it imports torch
+
+        check_impl(cfg)
+        if args.print_config:
+            from locmoe_train.config import config_yaml
+
+            print(config_yaml(cfg), end="")
+            return 0
         if args.check:
             from locmoe_train.data.blend import data_meta
             from locmoe_train.runlock import check_free

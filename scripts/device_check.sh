@@ -12,7 +12,7 @@
 #   QUICK=1 bash scripts/device_check.sh       # tests + the reference shape only
 #
 # The GPU machine has torch but no megatron-core: download its cp312 wheel into
-# .whl/ first (README, Benchmarks) and carry .whl. Files in $OUT (at most 8 come
+# .whl/ first (docs/benchmarks.md) and carry .whl. Files in $OUT (at most 8 come
 # back from the device tool): device_check.log (everything), gpu_tests.log,
 # gpu_training.json (bf16 training with the real routers), bench_small.json,
 # bench_routing.json, bench_medium.json.

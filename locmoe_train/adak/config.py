@@ -19,24 +19,30 @@ class AdaKConfig:
     warm_start_mean_k: Optional[float] = None
     # AdamW on the allocators only (constant learning rate).
     lr: float = 1e-3
+    # AdamW weight decay of the allocators.
     weight_decay: float = 0.1
     # Max global gradient norm of the allocators; 0 disables clipping.
     grad_clip: float = 1.0
-    # PPO: epochs over each rollout batch, ratio clip, per-layer discount, and
-    # lambda of the expected-k penalty lambda * sum_n n P(n).
+    # PPO epochs over each rollout batch.
     ppo_epochs: int = 2
+    # PPO ratio clip.
     clip: float = 0.2
+    # PPO discount per layer (1: no discount over layers).
     gamma: float = 1.0
+    # lambda of the expected-k penalty lambda * sum_n n P(n).
     k_penalty: float = 3e-3
     # Validation (argmax k against top-K) every N steps (0: only at the end).
     eval_interval: int = 50
+    # Log every N steps.
     log_interval: int = 10
     # Stage checkpoints (allocators, optimizer, step, data position, RNG) every N
     # steps (0: only at the end) under <out_dir>/checkpoints, keeping the last `keep`.
     checkpoint_interval: int = 50
+    # Stage checkpoints to keep.
     keep: int = 2
     # null = start fresh; "auto" = latest valid stage checkpoint in out_dir (fresh if none); or a path.
     resume: Optional[str] = None
+    # Directory of the stage's outputs (metrics, checkpoints, the final model).
     out_dir: str = "runs/adak"
 
     def validate(self, moe) -> None:

@@ -248,6 +248,7 @@ def run(cfg, pctx, base_path: str) -> dict:
 
 def main(argv: list[str]) -> int:
     from locmoe_train.config import load_config, parse_override_args
+    from locmoe_train.moe.impls import check_impl
     from locmoe_train.data.blend import data_meta
     from locmoe_train.parallel.launch import launched_world_size
     from locmoe_train.parallel.state import destroy_parallel, init_parallel
@@ -267,7 +268,7 @@ def main(argv: list[str]) -> int:
                          "from the file; only for checkpoints you trust "
                          "(same as --checkpoint.allow_pickle=true)")
     args, rest = ap.parse_known_args(argv)
-    cfg = load_config(args.config, parse_override_args(rest))
+    cfg = check_impl(load_config(args.config, parse_override_args(rest)))
     if args.allow_pickle:
         cfg.checkpoint.allow_pickle = True
     check_supported(cfg)

@@ -302,13 +302,11 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
     a checkpoint with another file that would need the full unpickler is refused
     unless ``allow_pickle`` (then that file is still not read)."""
     try:
-        import safetensors.torch
-        import transformers
+        import safetensors.torch  # noqa: F401  (here: a clear error before any work)
+        import transformers  # noqa: F401
     except ImportError as e:
         raise UserError(f"export-hf needs the optional packages transformers and safetensors "
                         f"({e}); install them with `pip install 'locmoe-train[hf]'`.") from None
-    from transformers import GenerationConfig
-
     from locmoe_train.checkpoint import other_files, validate_checkpoint, verify_tensors
     from locmoe_train.checkpoint_io import ALLOW_PICKLE_FLAG, check_loadable
     from locmoe_train.config import TrainConfig, from_dict, upgrade_saved
@@ -346,29 +344,9 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
     os.makedirs(tmp)
     try:
         state = _converted_state(path, meta, cfg, plan, dtype, allow_pickle)
-        safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"),
-                                    metadata={"format": "pt"})
-        eos_id = None
-        tok_info = None
-        if source is not None:
-            tok_info = export_tokenizer(source, tmp, vocab_size)
-            eos_id = tok_info["eos_token_id"]
-        config = hf_config(cfg, plan, vocab_size, eos_id, dtype)
-        config.save_pretrained(tmp)
-        if plan.architecture == "locmoe":
-            here = os.path.dirname(os.path.abspath(__file__))
-            for name in CUSTOM_FILES:
-                shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
-        GenerationConfig(bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id
-                         ).save_pretrained(tmp)
-        params = sum(t.numel() for t in state.values())
-        summary = {"checkpoint": os.path.abspath(path), "step": meta["step"],
-                   "architecture": config.architectures[0],
-                   "trust_remote_code": plan.architecture == "locmoe", "parameters": params,
-                   "vocab_size": vocab_size, "dtype": dtype, "tokenizer": tok_info,
-                   "warnings": plan.warnings, "notes": plan.notes,
-                   "transformers_version": transformers.__version__,
-                   "locmoe_config": meta["config"]}
+        summary = _write_model(tmp, state, cfg, plan, source, dtype)
+        summary.update(checkpoint=os.path.abspath(path), step=meta["step"],
+                       locmoe_config=meta["config"])
         with open(os.path.join(tmp, "locmoe_export.json"), "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
@@ -379,10 +357,38 @@ def export(checkpoint: str, out_dir: str, tokenizer: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
     remote = ", trust_remote_code=True" if summary["trust_remote_code"] else ""
     log(f"exported step {meta['step']} of {path} to {out_dir}: {summary['architecture']}, "
-        f"{params:,} parameters, vocab {vocab_size}, {dtype}"
-        + ("" if tok_info else ", no tokenizer") + ". Load it with "
+        f"{summary['parameters']:,} parameters, vocab {vocab_size}, {dtype}"
+        + ("" if summary["tokenizer"] else ", no tokenizer") + ". Load it with "
         f"AutoModelForCausalLM.from_pretrained({out_dir!r}{remote})")
     return summary
+
+
+def _write_model(tmp: str, state: dict, cfg, plan, source, dtype: str) -> dict:
+    """The model files of ``state`` into ``tmp``; returns the summary's model part."""
+    import safetensors.torch
+    import transformers
+    from transformers import GenerationConfig
+
+    safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"),
+                                metadata={"format": "pt"})
+    vocab_size, eos_id, tok_info = cfg.model.vocab_size, None, None
+    if source is not None:
+        tok_info = export_tokenizer(source, tmp, vocab_size)
+        eos_id = tok_info["eos_token_id"]
+    config = hf_config(cfg, plan, vocab_size, eos_id, dtype)
+    config.save_pretrained(tmp)
+    if plan.architecture == "locmoe":
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in CUSTOM_FILES:
+            shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
+    GenerationConfig(bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id
+                     ).save_pretrained(tmp)
+    return {"checkpoint": None, "step": None, "architecture": config.architectures[0],
+            "trust_remote_code": plan.architecture == "locmoe",
+            "parameters": sum(t.numel() for t in state.values()),
+            "vocab_size": vocab_size, "dtype": dtype, "tokenizer": tok_info,
+            "warnings": plan.warnings, "notes": plan.notes,
+            "transformers_version": transformers.__version__}
 
 
 def build_parser() -> argparse.ArgumentParser:

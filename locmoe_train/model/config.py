@@ -10,8 +10,11 @@ from locmoe_train.errors import UserError
 
 @dataclass
 class ModelConfig:
+    # Transformer layers.
     num_layers: int = 4
+    # Model width (hidden size of every layer).
     hidden_size: int = 128
+    # Attention heads per layer; must divide model.hidden_size.
     num_attention_heads: int = 4
     # Grouped-query attention; null means one KV head per query head.
     num_query_groups: Optional[int] = None
@@ -24,11 +27,17 @@ class ModelConfig:
     # Embedding/output rows are padded to a multiple of this (independent of TP
     # so that layouts with different TP sizes build the same model).
     make_vocab_size_divisible_by: int = 128
+    # Base of the rotary position embedding (RoPE) frequencies.
     rotary_base: float = 10000.0
+    # Epsilon of the RMSNorm layers.
     norm_eps: float = 1e-5
+    # Standard deviation of the normal initialisation of the weights.
     init_std: float = 0.02
+    # Dropout on the output of attention and MLP blocks (0: none).
     hidden_dropout: float = 0.0
+    # Dropout on the attention probabilities (0: none).
     attention_dropout: float = 0.0
+    # Share one matrix between the input embedding and the output layer.
     tie_embeddings: bool = False
     # Core attention: sdpa = torch's scaled_dot_product_attention (flash /
     # memory-efficient kernels on GPU); megatron = megatron-core's unfused

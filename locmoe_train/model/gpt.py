@@ -17,7 +17,7 @@ from locmoe_train.model.attention import SDPAttention
 from locmoe_train.model.init import init_parameters
 from locmoe_train.model.norm import RMSNorm
 from locmoe_train.model.recompute import apply_recompute
-from locmoe_train.moe.impls import impl_class
+from locmoe_train.moe.impls import check_impl, impl_class
 from locmoe_train.parallel.state import ParallelContext
 
 
@@ -127,6 +127,7 @@ def build_model(cfg: TrainConfig, pctx: ParallelContext, vocab_size: int,
     """Build the GPT-MoE model on ``pctx.device`` and initialise it from ``train.seed``."""
     from megatron.core.models.gpt import GPTModel
 
+    check_impl(cfg)
     tconf = transformer_config(cfg, pctx, precision)
     model = GPTModel(
         config=tconf,

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from locmoe_train.config import CapacityConfig
+from locmoe_train.moe.config import CapacityConfig
 from locmoe_train.errors import UserError
 from locmoe_train.moe.capacity_guard import RollbackGuard
 from locmoe_train.moe.capacity_stats import c_min_lower_bound, measure

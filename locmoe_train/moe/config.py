@@ -1,11 +1,14 @@
 """The MoE layer's configuration: ``moe``, with its ``capacity`` and ``locmoe_plus`` sections.
 
 Owns the schema of the ``moe`` section and the checks that need nothing but
-it (``MoEConfig.validate``). Choices that belong to one component are asked
-of that component: the impl (``moe/impls.py``) validates its dispatcher and
-router choices, the router class validates its own settings. Checks that
-combine ``moe`` with other sections (experts per EP rank, expert widths per
-TP rank) live in the root ``TrainConfig.validate``.
+it (``MoEConfig.validate``), and describes what each ``moe.impl`` does with
+expert tensor parallelism (``default_etp``, ``check_etp``), so the root config
+resolves ``parallel.etp`` without importing an implementation. Choices that
+belong to one component are asked of that component where models are built
+(``moe/impls.py``, ``check_impl``): the impl validates its dispatcher and
+router choices, the router class its own settings. Checks that combine
+``moe`` with other sections (experts per EP rank, expert widths per TP rank)
+live in the root ``TrainConfig.validate``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class CapacityConfig:
     rho: float = 0.5
     # C0 = ceil(factor0 * seq_len * top_k / num_experts)
     factor0: float = 1.1
+    # Steps between re-estimations of C (policy=controller).
     interval: int = 100
     # No re-estimation before this optimizer step.
     warmup: int = 100
@@ -49,10 +53,15 @@ class CapacityConfig:
     # more than `rollback_tolerance` (relative). Then no cut for `rollback_holdoff`
     # re-estimations, doubled after each consecutive rollback.
     rollback_window: int = 50
+    # Rollback guard: standard errors by which the window after a cut must be worse (see rollback_window).
     rollback_sigma: float = 3.0
+    # Rollback guard: relative loss increase a cut must also exceed to be undone (see rollback_window).
     rollback_tolerance: float = 0.01
+    # Rollback guard: re-estimations without a cut after a rollback, doubled after each consecutive one.
     rollback_holdoff: int = 2
+    # policy=linear_decay: the capacity factor reached at the end of the decay.
     decay_to: float = 0.66
+    # policy=linear_decay: the fraction of train.max_steps over which the factor falls.
     decay_fraction: float = 0.1
 
     def validate(self) -> None:
@@ -116,7 +125,9 @@ class MoEConfig:
     # top-k), expert_choice (Zhou et al. 2022), aux_free (DeepSeek-V3 sigmoid
     # scores + load-driven bias), hash (token-id hash), locmoe_plus.
     router: str = "topk"
+    # Experts per MoE layer; parallel.ep must divide it.
     num_experts: int = 8
+    # Experts each token is routed to (expert_choice: average experts per token).
     top_k: int = 2
     # Per-expert SwiGLU width; null = model.ffn_hidden_size.
     ffn_hidden_size: Optional[int] = None
@@ -136,13 +147,16 @@ class MoEConfig:
     # Expert FFN implementation: grouped GEMM, per-expert loop, or auto
     # (grouped on CUDA, loop on CPU).
     experts: Literal["auto", "grouped", "loop"] = "auto"
+    # Weight of the load-balancing auxiliary loss (0: off).
     aux_loss_coeff: float = 0.01
+    # Weight of the router z-loss on the routing logits (0: off).
     z_loss_coeff: float = 0.0
     # aux_free router: bias step per optimizer step (DeepSeek-V3's gamma).
     bias_update_rate: float = 1e-3
     # LocMoE locality loss mu * KL(D_c || D_l); active only when the experts of
     # the EP group live on more than one node (real or parallel.ranks_per_node).
     locality_loss_coeff: float = 0.0
+    # Smoothing of the locality loss target D_l: (1 - eps) on the same node's experts, eps spread over all (0 to 1).
     locality_eps: float = 0.1
     # A learned per-node bias on the routing scores (topk, locmoe_plus), the term the
     # locality loss trains: a router that sees only the token cannot raise the
@@ -158,8 +172,6 @@ class MoEConfig:
 
     def validate(self) -> "MoEConfig":
         """Checks of the ``moe`` section alone (the config is not changed)."""
-        from locmoe_train.moe.impls import impl_class
-
         for key in ("num_experts", "top_k"):
             if getattr(self, key) < 1:
                 raise UserError(f"moe.{key}={getattr(self, key)} must be a positive integer.")
@@ -182,5 +194,18 @@ class MoEConfig:
             raise UserError(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 1 "
                             f"(or null for no limit).")
         self.capacity.validate()
-        impl_class(self.impl).validate(self)
         return self
+
+    # ---- what each impl does with expert tensor parallelism ------------------
+    # native keeps whole experts on each rank (replicated over TP, sharded over EP);
+    # megatron-core's MoELayer splits experts over parallel.tp unless told otherwise.
+    def default_etp(self, tp: int) -> int:
+        """The expert tensor-parallel size ``parallel.etp: null`` resolves to."""
+        return tp if self.impl == "megatron" else 1
+
+    def check_etp(self, etp: int) -> None:
+        if self.impl == "native" and etp != 1:
+            raise UserError(
+                f"moe.impl=native keeps whole experts on each rank (expert tensor parallel 1), "
+                f"but parallel.etp={etp}: set parallel.etp=1 (experts are then replicated over "
+                f"TP ranks and sharded over parallel.ep), or use moe.impl=megatron.")

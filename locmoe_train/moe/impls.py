@@ -5,10 +5,14 @@
 * ``megatron``: megatron-core's ``MoELayer`` (top-k router, its alltoall or
   allgather dispatcher), kept for comparisons on the same model.
 
-Each impl class says which settings it takes (``validate``), its default
-expert tensor-parallel size, the MLP ``ModuleSpec`` for MoE layers, and
-builds the ``MoERuntime`` that collects its statistics. Callers ask the class
-from ``impl_class(cfg.moe.impl)``, never compare the name.
+Each impl class says which settings it takes (``validate``), the MLP
+``ModuleSpec`` for MoE layers, and builds the ``MoERuntime`` that collects its
+statistics. Callers ask the class from ``impl_class(cfg.moe.impl)``, never
+compare the name. ``check_impl`` runs these checks on a loaded config; the
+config itself never imports this module (its expert tensor-parallel rule is
+described in ``moe/config.py``), so it runs where models are built
+(``model/gpt.py``) and where entry points load a config, before anything
+starts.
 """
 
 from __future__ import annotations
@@ -38,18 +42,6 @@ class NativeImpl:
                             f"{' or '.join(DISPATCHERS)}.")
         dispatcher_class(moe.dispatcher)
         router_class(moe.router).validate(moe)
-
-    @staticmethod
-    def default_etp(tp: int) -> int:
-        return 1
-
-    @staticmethod
-    def check_etp(etp: int) -> None:
-        if etp != 1:
-            raise UserError(
-                f"moe.impl=native keeps whole experts on each rank (expert tensor parallel 1), "
-                f"but parallel.etp={etp}: set parallel.etp=1 (experts are then replicated over "
-                f"TP ranks and sharded over parallel.ep), or use moe.impl=megatron.")
 
     @staticmethod
     def pads_megatron_input(moe) -> bool:
@@ -97,14 +89,6 @@ class MegatronImpl:
                             f"MoELayer is compared with the topk router only.")
 
     @staticmethod
-    def default_etp(tp: int) -> int:
-        return tp
-
-    @staticmethod
-    def check_etp(etp: int) -> None:
-        pass
-
-    @staticmethod
     def pads_megatron_input(moe) -> bool:
         return moe.pad_to_capacity
 
@@ -134,6 +118,13 @@ def impl_class(name: str):
     if name not in IMPLS:
         raise UserError(f"moe.impl={name!r} is not one of {', '.join(map(repr, IMPLS))}.")
     return IMPLS[name]
+
+
+def check_impl(cfg):
+    """UserError if ``cfg`` (a validated ``TrainConfig``) asks its MoE implementation or
+    router for something they cannot do; returns ``cfg``."""
+    impl_class(cfg.moe.impl).validate(cfg.moe)
+    return cfg
 
 
 def build_runtime(model, cfg, pctx):

@@ -134,8 +134,10 @@ def build_sweep(raw: Any, where: str, name: str, base_dir: str,
 
 def resolve_run_config(run: Run, where: str) -> TrainConfig:
     """The run's validated config, writing into its own directory and resuming from it."""
+    from locmoe_train.moe.impls import check_impl
+
     try:
-        cfg = load_config(run.config_path, run.overrides)
+        cfg = check_impl(load_config(run.config_path, run.overrides))
     except UserError as e:
         raise UserError(f"{where}: run {run.name!r}: {e}") from None
     cfg.logging.run_dir = run.dir

@@ -11,6 +11,7 @@ import torch
 
 from locmoe_train.config import MoEConfig
 from locmoe_train.errors import UserError
+from locmoe_train.moe.impls import impl_class
 from locmoe_train.moe.losses import locality_loss
 from locmoe_train.moe.routers import RouterSetup, router_class
 from locmoe_train.moe.routers.base import node_bias_active
@@ -97,7 +98,8 @@ def test_routers_without_it_refuse_true():
     with pytest.raises(UserError, match=r"moe.locality_node_bias=true is not supported by "
                                         r"moe.router=hash \(topk and locmoe_plus have it\): "
                                         r"set it to auto or false."):
-        cfg.validate()
+        cfg.validate()  # the section's own checks pass; the router refuses:
+        impl_class(cfg.impl).validate(cfg)
 
 
 def test_model_init_keeps_the_zero_bias_and_the_learned_tau_start():

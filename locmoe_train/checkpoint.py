@@ -258,7 +258,7 @@ def _load_tensors(pieces: Assembler, model, optimizer, cfg, pctx) -> None:
                 raise UserError(f"checkpoint {path}: {key} has shape {shape}, this "
                                 f"model needs {list(info.full_shape)}: it was saved from a "
                                 f"different model, or its meta.json was altered.")
-            p.copy_(pieces.local(key, info).view_as(p).to(p.device))
+            pieces.copy_local(p, key, info)
             if name in params and optimizer is not None:
                 _load_state(pieces, optimizer, p, info)
 
@@ -273,7 +273,8 @@ def _load_state(pieces: Assembler, optimizer, p, info) -> None:
     step = pieces.local(saved["step"], info).clone() if "step" in saved else None
     if isinstance(optimizer, DistributedAdamW):
         optimizer.load_param_ranges(
-            p, lambda k, a, b: pieces.local(saved[k], info, a, b) if k in saved else None, step)
+            p, lambda k, dest, a: pieces.copy_local(dest, saved[k], info, a) if k in saved
+            else None, step)
         return
     opt_state = {k: pieces.local(key, info).view_as(p).clone() for k, key in saved.items()
                  if k != "step"}

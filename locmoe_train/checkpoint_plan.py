@@ -171,12 +171,29 @@ class Assembler:
     def local(self, key: str, info: ShardInfo, lo: int = 0,
               hi: Optional[int] = None) -> torch.Tensor:
         """Elements ``[lo, hi)`` of this run's shard ``info`` of tensor ``key``, flattened
-        (a 0-dim tensor whole). Reads only those ranges when the saved split is this run's;
-        may be a view of a memory-mapped file, so a caller that keeps it copies it."""
+        (a 0-dim tensor whole). May be a view of a memory-mapped file: a caller that keeps
+        it copies it (``copy_local`` copies straight into a destination)."""
+        parts = list(self._parts(key, info, lo, hi))
+        if len(parts) == 1:
+            return parts[0][1]
+        return torch.cat([t for _, t in parts]) if parts else torch.empty(0)
+
+    def copy_local(self, dest: torch.Tensor, key: str, info: ShardInfo, lo: int = 0) -> None:
+        """Copy elements ``[lo, lo + dest.numel())`` of this run's shard of ``key`` into the
+        contiguous ``dest``, piece by piece: no buffer in between when the saved split is
+        this run's (a 0-dim ``dest`` takes the 0-dim tensor)."""
+        flat = dest.view(-1)
+        for at, part in self._parts(key, info, lo, lo + flat.numel()):
+            flat[at - lo:at - lo + part.numel()].copy_(part.reshape(-1))
+
+    def _parts(self, key: str, info: ShardInfo, lo: int, hi: Optional[int]):
+        """``(offset in the shard, flat tensor)`` pieces that make up ``[lo, hi)``. Reads only
+        those ranges when the saved split is this run's, else one full tensor and cuts."""
         entries = self.entries(key)
         first = entries[0]
         if not first["shape"]:
-            return self.files.read(first, key)
+            yield 0, self.files.read(first, key)
+            return
         saved_whole = first["dim"] is None or first["size"] == 1
         run_whole = info.dim is None or info.size == 1
         if saved_whole and run_whole:
@@ -184,29 +201,28 @@ class Assembler:
         elif (first["dim"], first["size"], first["glu"]) == (info.dim, info.size, info.glu):
             mine = [e for e in entries if e["rank"] == info.rank]
         else:  # another TP/EP split: this one tensor whole, then this run's shard of it
-            return take_shard(self.full(key), info).reshape(-1)[lo:hi].clone()
+            yield lo, take_shard(self.full(key), info).reshape(-1)[lo:hi]
+            return
         numel = _numel(mine[0]["shape"]) if mine else 0
-        return self._ranges(mine, key, numel, lo, numel if hi is None else hi)
+        yield from self._ranges(mine, key, numel, lo, numel if hi is None else hi)
 
-    def _ranges(self, entries: list[dict], key: str, numel: int, lo: int,
-                hi: int) -> torch.Tensor:
-        """Elements ``[lo, hi)`` of one shard from its pieces (``entries``)."""
+    def _ranges(self, entries: list[dict], key: str, numel: int, lo: int, hi: int):
+        """``(offset, flat view)`` pieces of ``[lo, hi)`` of one shard (``entries``);
+        ``UserError`` if they leave a gap."""
         spans = sorted(((e.get("range") or [0, numel]), i) for i, e in enumerate(entries))
-        parts, done = [], lo
+        done = lo
         for (a, b), i in spans:
             if b <= done or a >= hi:
                 continue  # before the window, or a second copy (format 2 TP replicas)
             if a > done:
                 break
-            parts.append(self.files.read(entries[i], key, done - a, min(b, hi) - a))
-            done += parts[-1].numel()
+            part = self.files.read(entries[i], key, done - a, min(b, hi) - a)
+            yield done, part
+            done += part.numel()
         if done < hi:
             raise UserError(f"checkpoint {self.path}: the pieces of {key} in meta.json leave "
                             f"elements {done}..{hi} of its shard unwritten: meta.json was "
                             f"altered or the checkpoint is incomplete.")
-        if len(parts) == 1:
-            return parts[0]  # a view of the file: the caller copies it where it belongs
-        return torch.cat(parts) if parts else torch.empty(0)
 
     def full(self, key: str) -> torch.Tensor:
         """The full tensor ``key``, assembled from every saved shard."""
@@ -230,7 +246,8 @@ class Assembler:
     def _shard(self, entries: list[dict], key: str) -> torch.Tensor:
         shape = entries[0]["shape"]
         numel = _numel(shape)
-        return self._ranges(entries, key, numel, 0, numel).reshape(shape)
+        parts = [t for _, t in self._ranges(entries, key, numel, 0, numel)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(shape)
 
 
 def _numel(shape) -> int:

@@ -93,6 +93,7 @@ def _worker(args) -> None:
         path = ckpt.save(1, parts)
     out["save_s"] = time.perf_counter() - t0
     out["save_extra"] = saving.peak_extra
+    saved = [p.detach().clone() for p in model.parameters()]  # training goes on below
     dist.barrier()
     mine = (f"rank{pctx.rank:05d}.",)
     out["written"] = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
@@ -120,8 +121,7 @@ def _worker(args) -> None:
     with PeakMemory() as loading:
         ckpt.load(path, {"model": fresh, "optimizer": fresh_opt})
     out["load_extra"] = loading.peak_extra
-    out["same_weights"] = all(torch.equal(a, b) for a, b in zip(model.parameters(),
-                                                                fresh.parameters()))
+    out["same_weights"] = all(torch.equal(a, b) for a, b in zip(saved, fresh.parameters()))
     print("RESULT " + json.dumps(out), flush=True)
     destroy_parallel()
 

@@ -201,17 +201,16 @@ class DistributedAdamW:
             if "step" in state:
                 own["step"].copy_(torch.as_tensor(state["step"]))
 
-    def load_param_ranges(self, param: torch.Tensor, read, step) -> None:
-        """Fill this rank's slice of ``param``'s state: ``read(key, start, stop)`` gives
-        elements ``[start, stop)`` of the flattened state ``key`` (None if not saved);
-        ``step`` is Adam's step (None if not saved). Reads only the ranges this rank owns."""
+    def load_param_ranges(self, param: torch.Tensor, fill, step) -> None:
+        """Fill this rank's slice of ``param``'s state: ``fill(key, dest, start)`` copies
+        elements ``[start, start + dest.numel())`` of the flattened state ``key`` into
+        ``dest`` (a saved state only); ``step`` is Adam's step (None if not saved). Only the
+        ranges this rank owns are asked for."""
         for b, pc in self._pieces.get(id(param), []):
             own = self._own_state(b)
             n = pc.stop - pc.start
             for key in ADAM_KEYS:
-                value = read(key, pc.start, pc.stop)
-                if value is not None:
-                    own[key][pc.at:pc.at + n].copy_(value)
+                fill(key, own[key][pc.at:pc.at + n], pc.start)
             if step is not None:
                 own["step"].copy_(torch.as_tensor(step))
 

@@ -5,33 +5,41 @@ loading it into a (possibly differently laid out) run. Does not own when to
 save (the trainer calls ``save`` every ``checkpoint.interval`` steps and on a
 clean stop).
 
-Format 2: ``<checkpoint.dir>/step_00000300/``
-* ``shards_rank00003.pt``: the tensors this rank *owns* (one replica of each
-  shard: dense parameters from DP rank 0, experts from expert-DP rank 0),
-  keyed by canonical name (``model/<name>``, ``optim/<name>/exp_avg`` ...),
-  with how each is sharded (``model/init.py``'s ShardInfo);
+Format 3: ``<checkpoint.dir>/step_00000300/``
+* ``shards_rank00003.safetensors``: the pieces this rank writes, each an
+  element range of one TP/EP shard of a tensor, stored under a layout-free
+  name (``model/<name>``, ``optim/<name>/exp_avg`` ...). Every rank writes
+  about ``total / world``: replicated tensors are cut into equal ranges over
+  their data-parallel group, ZeRO-1 moments are written by their owners
+  (``checkpoint_plan.py``); the file is streamed, one piece at a time
+  (``checkpoint_pieces.py``);
 * ``rng_rank00003.pt``: every rank's RNG states (torch CPU and CUDA, Python,
   NumPy, megatron's tensor-parallel tracker), as tensors and plain values;
 * ``trainer.pt``: step, data loader position, MoE router/capacity states;
 * ``meta.json``: written last: step, resolved config, layout, package version,
-  the index of every shard file (name, size) and every tensor's shards
-  (file, layout, shape, dtype), and each file's checksum, taken as it was
-  saved (``checkpoint_verify.py``).
+  the size of every file, every tensor's pieces (file, stored name, shard
+  layout, shape, dtype, element range), and each file's checksum, taken as it
+  was saved (``checkpoint_verify.py``).
+With ``checkpoint.async`` the files are written by a background thread and
+published at a later step (``checkpoint_async.py``).
 
-Loading never runs code from a checkpoint: every ``.pt`` file holds only
-tensors and plain values and is read weights-only; a file that needs the full
-unpickler is refused unless ``checkpoint.allow_pickle`` (``checkpoint_io.py``).
-Every shard tensor is checked against its ``meta.json`` entry (shape, dtype)
-before it is used (``ShardReader``), every file against its checksum when the
-checkpoint is validated, and no file name from meta.json may lead outside
-the checkpoint's directory. Format 1 (before the Python/NumPy/tracker
-RNG states and the dtypes) still loads; what it lacks is not restored.
+Loading never runs code from a checkpoint: shard files are raw bytes under a
+checked JSON header, every ``.pt`` file holds only tensors and plain values
+and is read weights-only; a file that needs the full unpickler is refused
+unless ``checkpoint.allow_pickle`` (``checkpoint_io.py``). Every piece is
+checked against its ``meta.json`` entry (shape, dtype) before it is used
+(``PieceFiles``), every file against its checksum when the checkpoint is
+validated, and no file name from meta.json may lead outside the checkpoint's
+directory. Formats 1 and 2 (``shards_rank*.pt``, one writer per data-parallel
+group) still load; what format 1 lacks (Python/NumPy/tracker RNG states,
+dtypes) is not restored.
 
-Because every tensor is stored with its shard layout under a layout-free
-name, a run with other TP / EP / DP sizes rebuilds each full tensor from the
-old shards and keeps its own slice: model *and* Adam state reshard. Only the
-RNG streams are per rank; after a layout change they are re-seeded (stated
-in the log), the rest continues exactly.
+Because every piece is stored with its shard layout under a layout-free
+name, a run with the same TP/EP split copies the ranges it keeps straight
+from the files; a run with other TP / EP sizes rebuilds one full tensor at a
+time and keeps its own slice: model *and* Adam state reshard, across DP and
+ZeRO on or off too. Only the RNG streams are per rank; after a layout change
+they are re-seeded (stated in the log), the rest continues exactly.
 
 Atomicity: everything is written into ``step_N.tmp``, files are fsynced,
 rank 0 writes ``meta.json``, renames the directory, then replaces the
@@ -126,6 +134,7 @@ class Checkpointer:
         self.pickle_option = pickle_option
         self.dir = checkpoint_dir(cfg)
         self.pending: Optional[BackgroundWrite] = None  # a save being written in the background
+        self.pinned: dict = {}  # background saves from a GPU: host buffers, reused
 
     # ---- save -------------------------------------------------------------
     def save(self, step: int, parts: dict) -> Optional[str]:
@@ -145,7 +154,7 @@ class Checkpointer:
                 trainer = copy.deepcopy(trainer)
         pieces = plan_pieces(parts["model"], parts["optimizer"], cfg, pctx)
         files = RankFiles(write, pieces, rng_state(), trainer, save_synced, self.hooks,
-                          snapshot=snapshot)
+                          snapshot=snapshot, pinned=self.pinned)
         if snapshot:
             self.pending = BackgroundWrite(files)
             return None

@@ -38,12 +38,21 @@ from locmoe_train.checkpoint_pieces import write_pieces
 from locmoe_train.hooks import call as call_hooks
 
 
-def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in host memory (pinned if ``t`` is on a GPU, so that the copy is
-    a DMA). The caller synchronizes the device before the copy is read."""
-    on_gpu = t.device.type == "cuda"
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_gpu)
-    out.copy_(t.detach(), non_blocking=on_gpu)
+def host_copy(t: torch.Tensor, buffers: Optional[dict] = None,
+              name: str = "") -> torch.Tensor:
+    """A copy of ``t`` in host memory. From a GPU it goes into pinned memory (a DMA that
+    does not wait for the device), kept in ``buffers[name]`` for the next save: pinning is
+    slow to allocate, and the next save waits for this one, so the buffer is free by then.
+    The caller synchronizes the device before the copy is read. From the CPU it is a plain
+    copy, freed once written."""
+    if t.device.type != "cuda":
+        return t.detach().clone()
+    out = buffers.get(name) if buffers is not None else None
+    if out is None or out.shape != t.shape or out.dtype != t.dtype:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        if buffers is not None:
+            buffers[name] = out
+    out.copy_(t.detach(), non_blocking=True)
     return out
 
 
@@ -51,14 +60,16 @@ class RankFiles:
     """The files one rank writes for one checkpoint, and their checksums once written."""
 
     def __init__(self, write, pieces: list, rng: dict, trainer: Optional[dict],
-                 save_synced: Callable, hooks=(), snapshot: bool = False):
+                 save_synced: Callable, hooks=(), snapshot: bool = False,
+                 pinned: Optional[dict] = None):
         self.write, self.rng, self.trainer, self.save_synced = write, rng, trainer, save_synced
         self.hooks, self.step = list(hooks), write.step
         rank = write.pctx.rank
         self.shard_file = f"shards_rank{rank:05d}.safetensors"
         self.rng_file = f"rng_rank{rank:05d}.pt"
         self.index = [(p.key, p.index(self.shard_file)) for p in pieces]
-        self.named = [(p.name, host_copy(p.tensor) if snapshot else p.tensor) for p in pieces]
+        self.named = [(p.name, host_copy(p.tensor, pinned, p.name) if snapshot else p.tensor)
+                      for p in pieces]
         if snapshot and any(p.tensor.device.type == "cuda" for p in pieces):
             torch.cuda.synchronize()
         self.nbytes = sum(t.numel() * t.element_size() for _, t in self.named)

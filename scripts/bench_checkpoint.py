@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench_checkpoint.json")
     ap.add_argument("--old-ref", default="15ada76",
-                    help="the commit whose checkpoint code is the baseline (format 2)")
+                    help="the commit whose checkpoint code is the baseline (format 2); "
+                         "none: measure this checkout only")
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--quick", action="store_true", help="a small model (smoke test)")
@@ -202,11 +203,13 @@ def main(argv=None) -> int:
     report = {"command": "python scripts/bench_checkpoint.py " + " ".join(argv or sys.argv[1:]),
               "old_ref": args.old_ref, "layouts": {}}
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as tmp:
-        os.makedirs(os.path.join(tmp, "old"))
-        old = _old_tree(args.old_ref, os.path.join(tmp, "old"))
+        codes = [("new", REPO)]
+        if args.old_ref != "none":
+            os.makedirs(os.path.join(tmp, "old"))
+            codes.insert(0, ("old", _old_tree(args.old_ref, os.path.join(tmp, "old"))))
         for name in args.layouts.split(","):
             row = {}
-            for which, code in (("old", old), ("new", REPO)):
+            for which, code in codes:
                 ckdir = os.path.join(tmp, f"{name}-{which}")
                 settings = MODEL + (QUICK if args.quick else []) + LAYOUTS[name] + [
                     f"checkpoint.dir={ckdir}", "checkpoint.keep=5"]

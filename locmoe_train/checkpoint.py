@@ -134,7 +134,7 @@ class Checkpointer:
         self.pickle_option = pickle_option
         self.dir = checkpoint_dir(cfg)
         self.pending: Optional[BackgroundWrite] = None  # a save being written in the background
-        self.pinned: dict = {}  # background saves from a GPU: host buffers, reused
+        self.staging: dict = {}  # background saves: host buffers, reused by the next one
 
     # ---- save -------------------------------------------------------------
     def save(self, step: int, parts: dict) -> Optional[str]:
@@ -154,7 +154,7 @@ class Checkpointer:
                 trainer = copy.deepcopy(trainer)
         pieces = plan_pieces(parts["model"], parts["optimizer"], cfg, pctx)
         files = RankFiles(write, pieces, rng_state(), trainer, save_synced, self.hooks,
-                          snapshot=snapshot, pinned=self.pinned)
+                          snapshot=snapshot, staging=self.staging)
         if snapshot:
             self.pending = BackgroundWrite(files)
             return None
@@ -278,13 +278,21 @@ def _load_state(pieces: Assembler, optimizer, p, info) -> None:
     saved = {k: key for k, key in keys.items() if key in pieces.meta["tensors"]}
     if not saved:
         return
-    # A copy: a format-2 shard is memory-mapped. The optimizer places it.
     step = pieces.local(saved["step"], info).clone() if "step" in saved else None
     if isinstance(optimizer, DistributedAdamW):
         optimizer.load_param_ranges(
             p, lambda k, dest, a: pieces.copy_local(dest, saved[k], info, a) if k in saved
             else None, step)
         return
+    current = optimizer.state.get(p, {})
+    if all(k in current and (k == "step" or current[k].shape == p.shape) for k in saved):
+        for k, key in saved.items():  # the state exists (a step was taken): fill it in place
+            if k == "step":
+                current[k].copy_(step)
+            else:
+                pieces.copy_local(current[k], key, info)
+        return
+    # A copy: the pieces may be views of a memory-mapped file. The optimizer places it.
     opt_state = {k: pieces.local(key, info).view_as(p).clone() for k, key in saved.items()
                  if k != "step"}
     if step is not None:

@@ -75,9 +75,11 @@ def test_a_group_cuts_its_replicated_tensors_evenly_and_exactly_once():
             assert torch.equal(torch.cat([p.tensor for p in mine]), value)
 
 
-def test_a_background_copy_keeps_the_values_at_the_save():
-    live = torch.arange(6, dtype=torch.float32)
-    copy = host_copy(live[2:5], {}, "x")
+def test_a_background_copy_keeps_the_values_at_the_save_in_a_reused_buffer():
+    live, buffers = torch.arange(6, dtype=torch.float32), {}
+    copy = host_copy(live[2:5], buffers, "x")
     live.add_(100)  # the next training step changes the state in place
     assert copy.device.type == "cpu" and not copy.is_pinned()
     assert copy.tolist() == [2.0, 3.0, 4.0]
+    again = host_copy(live[2:5], buffers, "x")  # the next save: the same buffer
+    assert again.data_ptr() == copy.data_ptr() and again.tolist() == [102.0, 103.0, 104.0]

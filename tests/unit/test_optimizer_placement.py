@@ -125,3 +125,24 @@ def test_a_fused_adamw_resumes_exactly_on_cpu(setup, distributed):
     want, got = adam_states(opt), adam_states(opt2)
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(want[p]["exp_avg_sq"], got[q]["exp_avg_sq"])
+
+
+def test_a_load_into_a_stepped_optimizer_overwrites_its_state_in_place(setup):
+    """An optimizer whose state exists already (it took a step) gets the saved state
+    copied into its own tensors: the same tensors afterwards, holding the saved values."""
+    cfg, pctx, make_model = setup
+    path, saver, saver_opt = _saved(setup, {})
+    model = make_model()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    _step(model, optimizer, 1)
+    _step(model, optimizer, 2)  # other values, and step 2
+    before = {id(p): {k: v.data_ptr() for k, v in optimizer.state[p].items()}
+              for p in model.parameters()}
+    Checkpointer(cfg, pctx).load(path, {"model": model, "optimizer": optimizer})
+    for (name, p), q in zip(model.named_parameters(), saver.parameters()):
+        assert torch.equal(p, q), name
+        state, want = optimizer.state[p], saver_opt.state[q]
+        assert {k: v.data_ptr() for k, v in state.items()} == before[id(p)], name
+        assert float(state["step"]) == float(want["step"]) == 1.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], want[key]), (name, key)

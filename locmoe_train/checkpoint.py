@@ -5,33 +5,41 @@ loading it into a (possibly differently laid out) run. Does not own when to
 save (the trainer calls ``save`` every ``checkpoint.interval`` steps and on a
 clean stop).
 
-Format 2: ``<checkpoint.dir>/step_00000300/``
-* ``shards_rank00003.pt``: the tensors this rank *owns* (one replica of each
-  shard: dense parameters from DP rank 0, experts from expert-DP rank 0),
-  keyed by canonical name (``model/<name>``, ``optim/<name>/exp_avg`` ...),
-  with how each is sharded (``model/init.py``'s ShardInfo);
+Format 3: ``<checkpoint.dir>/step_00000300/``
+* ``shards_rank00003.safetensors``: the pieces this rank writes, each an
+  element range of one TP/EP shard of a tensor, stored under a layout-free
+  name (``model/<name>``, ``optim/<name>/exp_avg`` ...). Every rank writes
+  about ``total / world``: replicated tensors are cut into equal ranges over
+  their data-parallel group, ZeRO-1 moments are written by their owners
+  (``checkpoint_plan.py``); the file is streamed, one piece at a time
+  (``checkpoint_pieces.py``);
 * ``rng_rank00003.pt``: every rank's RNG states (torch CPU and CUDA, Python,
   NumPy, megatron's tensor-parallel tracker), as tensors and plain values;
 * ``trainer.pt``: step, data loader position, MoE router/capacity states;
 * ``meta.json``: written last: step, resolved config, layout, package version,
-  the index of every shard file (name, size) and every tensor's shards
-  (file, layout, shape, dtype), and each file's checksum, taken as it was
-  saved (``checkpoint_verify.py``).
+  the size of every file, every tensor's pieces (file, stored name, shard
+  layout, shape, dtype, element range), and each file's checksum, taken as it
+  was saved (``checkpoint_verify.py``).
+With ``checkpoint.async`` the files are written by a background thread and
+published at a later step (``checkpoint_async.py``).
 
-Loading never runs code from a checkpoint: every ``.pt`` file holds only
-tensors and plain values and is read weights-only; a file that needs the full
-unpickler is refused unless ``checkpoint.allow_pickle`` (``checkpoint_io.py``).
-Every shard tensor is checked against its ``meta.json`` entry (shape, dtype)
-before it is used (``ShardReader``), every file against its checksum when the
-checkpoint is validated, and no file name from meta.json may lead outside
-the checkpoint's directory. Format 1 (before the Python/NumPy/tracker
-RNG states and the dtypes) still loads; what it lacks is not restored.
+Loading never runs code from a checkpoint: shard files are raw bytes under a
+checked JSON header, every ``.pt`` file holds only tensors and plain values
+and is read weights-only; a file that needs the full unpickler is refused
+unless ``checkpoint.allow_pickle`` (``checkpoint_io.py``). Every piece is
+checked against its ``meta.json`` entry (shape, dtype) before it is used
+(``PieceFiles``), every file against its checksum when the checkpoint is
+validated, and no file name from meta.json may lead outside the checkpoint's
+directory. Formats 1 and 2 (``shards_rank*.pt``, one writer per data-parallel
+group) still load; what format 1 lacks (Python/NumPy/tracker RNG states,
+dtypes) is not restored.
 
-Because every tensor is stored with its shard layout under a layout-free
-name, a run with other TP / EP / DP sizes rebuilds each full tensor from the
-old shards and keeps its own slice: model *and* Adam state reshard. Only the
-RNG streams are per rank; after a layout change they are re-seeded (stated
-in the log), the rest continues exactly.
+Because every piece is stored with its shard layout under a layout-free
+name, a run with the same TP/EP split copies the ranges it keeps straight
+from the files; a run with other TP / EP sizes rebuilds one full tensor at a
+time and keeps its own slice: model *and* Adam state reshard, across DP and
+ZeRO on or off too. Only the RNG streams are per rank; after a layout change
+they are re-seeded (stated in the log), the rest continues exactly.
 
 Atomicity: everything is written into ``step_N.tmp``, files are fsynced,
 rank 0 writes ``meta.json``, renames the directory, then replaces the
@@ -43,6 +51,7 @@ are ``checkpoint_dirs.py``'s.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Optional
@@ -55,17 +64,21 @@ from locmoe_train.checkpoint_dirs import (StepWrite, barrier, checkpoint_dir,  #
                                           find_resume, publish_step_dir, resolve, resume_point)
 from locmoe_train.checkpoint_io import (ALLOW_PICKLE_FLAG, ALLOW_PICKLE_KEY, check_loadable,
                                         check_plain, load_file, rng_state, set_rng_state)
+from locmoe_train.checkpoint_async import BackgroundWrite, RankFiles, all_done
+from locmoe_train.checkpoint_pieces import PieceFiles, dtype_name  # noqa: F401
+from locmoe_train.checkpoint_plan import Assembler, plan_pieces
 from locmoe_train.checkpoint_verify import agree, check_files, sync_and_checksum
 from locmoe_train.config import TrainConfig, upgrade_saved
 from locmoe_train.errors import UserError
-from locmoe_train.hooks import call as call_hooks
-from locmoe_train.optim.optimizer import load_param_state, param_states
-from locmoe_train.parallel.sharding import ShardInfo, shard_info, take_shard
+from locmoe_train.optim.distributed import ADAM_KEYS, DistributedAdamW
+from locmoe_train.optim.optimizer import load_param_state
+from locmoe_train.parallel.sharding import shard_info
 from locmoe_train.parallel.state import ParallelContext
 
 # 2: RNG states of Python, NumPy and megatron's tracker; shard dtypes in meta.json.
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+# 3: every rank writes its own pieces (safetensors shard files, element ranges).
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 # Config sections that must match for a checkpoint to load (the model's shape).
 STRUCTURAL = {"model": ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                         "ffn_hidden_size", "moe_every", "vocab_size", "tie_embeddings"],
@@ -97,21 +110,15 @@ def other_files(meta: dict) -> list[str]:
 
 
 def verify_tensors(path: str, meta: dict, allow_pickle: bool = False,
-                   option: str = ALLOW_PICKLE_FLAG) -> "ShardReader":
+                   option: str = ALLOW_PICKLE_FLAG) -> PieceFiles:
     """Every tensor ``meta.json`` indexes, checked in its shard file (memory-mapped: no
     tensor data is read); ``UserError`` on the first that is missing or does not match.
     Returns the reader, with the shard files it opened."""
-    shards = ShardReader(path, meta, allow_pickle, option)
+    files = PieceFiles(path, meta, allow_pickle, option)
     for key, entries in meta["tensors"].items():
         for entry in entries:
-            shards.tensor(entry, key)
-    return shards
-
-
-def _owned(info: ShardInfo, pctx: ParallelContext) -> bool:
-    if info.expert:
-        return pctx.edp_rank == 0
-    return pctx.dp_rank == 0
+            files.check(entry, key)
+    return files
 
 
 class Checkpointer:
@@ -126,60 +133,66 @@ class Checkpointer:
         # How the refusal of a file that needs the full unpickler names the way to allow it.
         self.pickle_option = pickle_option
         self.dir = checkpoint_dir(cfg)
+        self.pending: Optional[BackgroundWrite] = None  # a save being written in the background
+        self.staging: dict = {}  # background saves: host buffers, reused by the next one
 
     # ---- save -------------------------------------------------------------
-    def save(self, step: int, parts: dict) -> str:
+    def save(self, step: int, parts: dict) -> Optional[str]:
+        """Save a checkpoint of ``step``: every rank writes its own pieces (no gather).
+        Returns its path once published; with ``checkpoint.async`` returns None and the
+        write goes on in the background (``poll`` publishes it, ``wait`` waits for it).
+        A save first waits for a pending one. Collective: every rank calls it."""
+        self.wait()
         pctx, cfg = self.pctx, self.cfg
-        model, optimizer = parts["model"], parts["optimizer"]
         write = StepWrite(self.dir, step, pctx)  # a failed write: SaveFailed on every rank
+        snapshot = cfg.checkpoint.async_
+        trainer = None
+        if pctx.is_main:  # layout-free parts, identical on every rank (format 1 keys: loader, moe)
+            trainer = {"step": step, **{name: part.state_dict() for name, part in parts.items()
+                                        if name not in ("model", "optimizer")}}
+            if snapshot:
+                trainer = copy.deepcopy(trainer)
+        pieces = plan_pieces(parts["model"], parts["optimizer"], cfg, pctx)
+        files = RankFiles(write, pieces, rng_state(), trainer, save_synced, self.hooks,
+                          snapshot=snapshot, staging=self.staging)
+        if snapshot:
+            self.pending = BackgroundWrite(files)
+            return None
+        files.write_all()
+        return self._publish(files)
 
-        tensors, index = {}, {}
-        params = dict(model.named_parameters())
-        saved_names = set(model.state_dict().keys())
-        opt_states = param_states(optimizer)  # sharded: gathered onto the saving ranks
-        for name, p in list(params.items()) + list(model.named_buffers()):
-            if name.endswith("_extra_state") or name not in saved_names:
-                continue
-            info = shard_info(name, p, cfg, pctx)
-            if not _owned(info, pctx):
-                continue
-            keys = {f"model/{info.canonical}": p.detach()}
-            state = opt_states.get(p, {}) if name in params else {}
-            for k, v in state.items():
-                keys[f"optim/{info.canonical}/{k}"] = v.detach() if torch.is_tensor(v) else v
-            for key, value in keys.items():
-                value = torch.as_tensor(value).cpu()
-                tensors[key] = value
-                scalar = value.dim() == 0  # e.g. Adam's step: the same on every shard
-                index[key] = {"dim": None if scalar else info.dim, "rank": info.rank,
-                              "size": info.size, "glu": info.glu, "shape": list(value.shape),
-                              "dtype": dtype_name(value.dtype)}
-        shard_file, rng_file = f"shards_rank{pctx.rank:05d}.pt", f"rng_rank{pctx.rank:05d}.pt"
-        sums = {shard_file: write.attempt(shard_file, save_synced, tensors,
-                                          os.path.join(write.tmp, shard_file))}
-        call_hooks(self.hooks, "after_shards", step)
-        sums[rng_file] = write.attempt(rng_file, save_synced, rng_state(),
-                                       os.path.join(write.tmp, rng_file))
-        gathered = write.gather((shard_file, index, sums),
-                                sum(t.nbytes for t in tensors.values()))
+    def poll(self) -> Optional[str]:
+        """After a training step: publish the pending background save if every rank has
+        written its files (its path), else None. Collective while a save is pending."""
+        if self.pending is None or not all_done(self.pending, self.pctx):
+            return None
+        return self.wait()
+
+    def wait(self) -> Optional[str]:
+        """Wait for the pending background save and publish it (its path; None if none).
+        ``SaveFailed`` on every rank if any rank's write failed."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        pending.join()
+        return self._publish(pending.files)
+
+    def _publish(self, files: RankFiles) -> str:
+        write = files.write
+        gathered = write.gather((files.index, files.sums), files.nbytes)
         meta = None
-        if pctx.is_main:
-            # Layout-free parts, identical on every rank (format 1 keys: loader, moe).
-            others = {name: part.state_dict() for name, part in parts.items()
-                      if name not in ("model", "optimizer")}
-            checksums = {"trainer.pt": write.attempt("trainer.pt", save_synced,
-                                                     {"step": step, **others},
-                                                     os.path.join(write.tmp, "trainer.pt"))}
-            shards: dict[str, list] = {}
-            for file, idx, rank_sums in gathered:
+        if self.pctx.is_main:
+            checksums, tensors = {}, {}
+            for index, rank_sums in gathered:
                 checksums.update(rank_sums)
-                for key, info in idx.items():
-                    shards.setdefault(key, []).append({"file": file, **info})
-            meta = {"format": FORMAT, "step": step, "version": _version(),
-                    "config": cfg.to_dict(), "layout": pctx.describe(),
+                for key, entry in index:
+                    tensors.setdefault(key, []).append(entry)
+            pctx = self.pctx
+            meta = {"format": FORMAT, "step": write.step, "version": _version(),
+                    "config": self.cfg.to_dict(), "layout": pctx.describe(),
                     "world_size": pctx.world_size, "tp": pctx.tp, "ep": pctx.ep,
-                    "dp": pctx.dp, "tensors": shards, "checksums": dict(sorted(checksums.items()))}
-        return write.publish(meta, cfg.checkpoint.keep)
+                    "dp": pctx.dp, "tensors": tensors, "checksums": dict(sorted(checksums.items()))}
+        return write.publish(meta, self.cfg.checkpoint.keep)
 
     # ---- find ---------------------------------------------------------------
     def resolve_resume(self) -> Optional[str]:
@@ -201,7 +214,6 @@ class Checkpointer:
         state only when ``optimizer`` is given); returns the step to continue from.
         Every file is read with the weights-only unpickler (``load_file``)."""
         cfg, pctx = self.cfg, self.pctx
-        model, optimizer = parts["model"], parts.get("optimizer")
         allow, option = cfg.checkpoint.allow_pickle, self.pickle_option
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
@@ -219,42 +231,9 @@ class Checkpointer:
         rng = None
         if same_layout and os.path.exists(os.path.join(path, rng_name)):
             rng = load_file(path, rng_name, allow, option)
-        shards = ShardReader(path, meta, allow, option)
-
-        def full(key, info):
-            value = shards.full(key)
-            if tuple(value.shape) != tuple(info.full_shape):
-                raise UserError(f"checkpoint {path}: {key} has shape {list(value.shape)}, this "
-                                f"model needs {list(info.full_shape)}: it was saved from a "
-                                f"different model, or its meta.json was altered.")
-            return value
-
-        params = dict(model.named_parameters())
-        state = model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for name, p in list(params.items()) + list(model.named_buffers()):
-                if name not in state or name.endswith("_extra_state"):
-                    continue
-                info = shard_info(name, p, cfg, pctx)
-                key = f"model/{info.canonical}"
-                if key not in meta["tensors"]:
-                    raise UserError(f"checkpoint {path} has no tensor {info.canonical!r}: it "
-                                    f"was saved from a different model.")
-                p.copy_(take_shard(full(key, info), info).to(p.device))
-                if name in params and optimizer is not None:
-                    opt_state = {}
-                    for k in ("step", "exp_avg", "exp_avg_sq"):
-                        key = f"optim/{info.canonical}/{k}"
-                        if key in meta["tensors"]:
-                            if k == "step":
-                                value = shards.full(key)
-                            else:
-                                value = take_shard(full(key, info), info)
-                            # A copy: the shard is memory-mapped. The optimizer places it.
-                            opt_state[k] = value.clone()
-                    if opt_state:
-                        load_param_state(optimizer, p, opt_state)
-        shards.close()
+        files = PieceFiles(path, meta, allow, option)
+        _load_tensors(Assembler(files, meta), parts["model"], parts.get("optimizer"), cfg, pctx)
+        files.close()
         for name, part in parts.items():
             if name not in ("model", "optimizer") and trainer.get(name):
                 part.load_state_dict(trainer[name])
@@ -267,74 +246,58 @@ class Checkpointer:
         return step
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``: how meta.json names a tensor's dtype."""
-    return str(dtype).removeprefix("torch.")
+def _load_tensors(pieces: Assembler, model, optimizer, cfg, pctx) -> None:
+    """Copy every parameter and buffer (and, with ``optimizer``, its state) from the
+    checkpoint into this rank's shards, reading only the ranges this rank keeps when the
+    saved split is its own (``Assembler.local``)."""
+    path = pieces.path
+    params = dict(model.named_parameters())
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, p in list(params.items()) + list(model.named_buffers()):
+            if name not in state or name.endswith("_extra_state"):
+                continue
+            info = shard_info(name, p, cfg, pctx)
+            key = f"model/{info.canonical}"
+            if key not in pieces.meta["tensors"]:
+                raise UserError(f"checkpoint {path} has no tensor {info.canonical!r}: it "
+                                f"was saved from a different model.")
+            shape = pieces.full_shape(key)
+            if tuple(shape) != tuple(info.full_shape):
+                raise UserError(f"checkpoint {path}: {key} has shape {shape}, this "
+                                f"model needs {list(info.full_shape)}: it was saved from a "
+                                f"different model, or its meta.json was altered.")
+            pieces.copy_local(p, key, info)
+            if name in params and optimizer is not None:
+                _load_state(pieces, optimizer, p, info)
 
 
-class ShardReader:
-    """Reads the tensors a checkpoint's ``meta.json`` indexes from its shard files
-    (memory-mapped, weights-only), checking each against its entry: a shard that is not
-    a dict of tensors, lacks a listed tensor, or holds one of another shape or dtype is
-    refused with a ``UserError`` that names the file, not a failure inside torch."""
-
-    def __init__(self, path: str, meta: dict, allow_pickle: bool = False,
-                 option: str = ALLOW_PICKLE_KEY):
-        self.path, self.meta = path, meta
-        self.allow_pickle, self.option = allow_pickle, option
-        self.files: dict[str, dict] = {}
-
-    def _refuse(self, file: str, what: str):
-        return UserError(f"checkpoint {self.path}: {file} {what}: the file was altered or "
-                         f"belongs to another checkpoint.")
-
-    def tensor(self, entry: dict, key: str) -> torch.Tensor:
-        """The stored shard ``entry`` (one item of ``meta["tensors"][key]``)."""
-        file = entry.get("file")
-        if not isinstance(file, str) or file not in self.meta.get("files", {}):
-            raise UserError(f"checkpoint {self.path}: meta.json puts {key} in {file!r}, which "
-                            f"is not one of its files.")
-        if file not in self.files:
-            obj = load_file(self.path, file, self.allow_pickle, self.option, mmap=True)
-            if type(obj) is not dict:
-                raise self._refuse(file, f"holds a {type(obj).__name__}, not a dict of tensors")
-            self.files[file] = obj
-        value = self.files[file].get(key)
-        if not isinstance(value, torch.Tensor):
-            raise self._refuse(file, f"has no tensor {key}, which meta.json lists")
-        shape, dtype = entry.get("shape"), entry.get("dtype")  # dtype: format 2 on
-        if shape is not None and list(value.shape) != list(shape):
-            raise self._refuse(file, f"holds {key} with shape {list(value.shape)}, but "
-                                     f"meta.json says {list(shape)}")
-        if dtype is not None and dtype_name(value.dtype) != dtype:
-            raise self._refuse(file, f"holds {key} as {dtype_name(value.dtype)}, but "
-                                     f"meta.json says {dtype}")
-        return value
-
-    def full(self, key: str) -> torch.Tensor:
-        """The full tensor ``key``, assembled from its shards."""
-        try:
-            return _assemble(self.meta["tensors"][key], key, self.tensor)
-        except (RuntimeError, IndexError, KeyError, TypeError) as e:  # shards that do not fit
-            raise UserError(f"checkpoint {self.path}: the shards of {key} do not fit together "
-                            f"as meta.json describes them ({e}).") from None
-
-    def close(self) -> None:
-        self.files.clear()
-
-
-def _assemble(entries: list[dict], key: str, shard_tensor) -> torch.Tensor:
-    """The full tensor ``key`` from its saved shards (``shard_tensor(entry, key)`` reads one)."""
-    # One entry per saved shard; replicas of the same shard were not saved.
-    entries = sorted(entries, key=lambda e: e["rank"])
-    first = entries[0]
-    if first["dim"] is None or first["size"] == 1:
-        return shard_tensor(first, key)
-    parts = [shard_tensor(e, key) for e in entries]
-    if first["glu"]:
-        halves = [p.chunk(2, dim=first["dim"]) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], first["dim"])
-    return torch.cat(parts, first["dim"])
+def _load_state(pieces: Assembler, optimizer, p, info) -> None:
+    """``p``'s Adam state: only this rank's slice of it for the sharded optimizer."""
+    keys = {k: f"optim/{info.canonical}/{k}" for k in ("step", *ADAM_KEYS)}
+    saved = {k: key for k, key in keys.items() if key in pieces.meta["tensors"]}
+    if not saved:
+        return
+    step = pieces.local(saved["step"], info).clone() if "step" in saved else None
+    if isinstance(optimizer, DistributedAdamW):
+        optimizer.load_param_ranges(
+            p, lambda k, dest, a: pieces.copy_local(dest, saved[k], info, a) if k in saved
+            else None, step)
+        return
+    current = optimizer.state.get(p, {})
+    if all(k in current and (k == "step" or current[k].shape == p.shape) for k in saved):
+        for k, key in saved.items():  # the state exists (a step was taken): fill it in place
+            if k == "step":
+                current[k].copy_(step)
+            else:
+                pieces.copy_local(current[k], key, info)
+        return
+    # A copy: the pieces may be views of a memory-mapped file. The optimizer places it.
+    opt_state = {k: pieces.local(key, info).view_as(p).clone() for k, key in saved.items()
+                 if k != "step"}
+    if step is not None:
+        opt_state["step"] = step
+    load_param_state(optimizer, p, opt_state)
 
 
 def read_full_tensors(path: str, prefix: str = "model/", progress=None,
@@ -357,11 +320,11 @@ def read_full_tensors(path: str, prefix: str = "model/", progress=None,
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     check_loadable(path, other_files(meta), allow_pickle, option)
-    shards = ShardReader(path, meta, allow_pickle, option)
+    pieces = Assembler(PieceFiles(path, meta, allow_pickle, option), meta)
     out = {}
     for key in meta["tensors"]:
         if key.startswith(prefix):
-            out[key[len(prefix):]] = shards.full(key)
+            out[key[len(prefix):]] = pieces.full(key)
             if progress is not None:
                 progress(1)
     return meta, out

@@ -12,6 +12,7 @@ import json
 import os
 
 from locmoe_train.checkpoint import other_files, validate_checkpoint, verify_tensors
+from locmoe_train.checkpoint_pieces import SafetensorsFile
 from locmoe_train.checkpoint_dirs import resolve
 from locmoe_train.checkpoint_io import ALLOW_PICKLE_FLAG, load_file
 from locmoe_train.errors import UserError
@@ -48,15 +49,18 @@ def main(argv: list[str]) -> int:
     for file in other_files(meta):
         load_file(path, file, args.allow_pickle, ALLOW_PICKLE_FLAG)
     shards = verify_tensors(path, meta, args.allow_pickle, ALLOW_PICKLE_FLAG)
-    tensors = sum(len(obj) for obj in shards.files.values())
+    tensors = sum(len(obj.keys()) for obj in shards.files.values())
     for file in meta["files"]:  # a shard file that meta.json indexes nothing in
         if file.startswith("shards_") and file not in shards.files:
+            if file.endswith(".safetensors"):
+                tensors += len(SafetensorsFile(path, file).keys())
+                continue
             obj = load_file(path, file, args.allow_pickle, ALLOW_PICKLE_FLAG, mmap=True)
             tensors += len(obj) if isinstance(obj, dict) else 0
     cfg = meta["config"]
     m, moe = cfg["model"], cfg["moe"]
-    params = sum(_numel(e) for key, entries in meta["tensors"].items() if key.startswith("model/")
-                 for e in entries)
+    params = sum(_numel(entries[0]) for key, entries in meta["tensors"].items()
+                 if key.startswith("model/"))
     summary = {"path": path, "step": meta["step"], "version": meta["version"],
                "layout": meta["layout"], "files": len(meta["files"]),
                "bytes": sum(meta["files"].values()), "tensors": tensors,
@@ -83,7 +87,8 @@ def _checksum_status(meta: dict, verified: bool) -> str:
 
 
 def _numel(entry: dict) -> int:
-    n = 1
+    """Elements of the whole tensor that ``entry`` is a shard (or a piece of a shard) of."""
+    n = entry["size"] if entry.get("dim") is not None else 1
     for d in entry["shape"]:
         n *= d
     return n

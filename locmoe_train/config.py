@@ -24,8 +24,8 @@ from typing import Any, Literal, Optional
 from locmoe_train.adak.config import AdaKConfig
 from locmoe_train.config_load import (RENAMED_KEYS, RENAMED_VALUES, _noted,  # noqa: F401
                                       _read_yaml, apply_override, config_yaml, dump_config,
-                                      from_dict,
-                                      parse_override_args, upgrade_saved)
+                                      from_dict, parse_override_args, public_key,
+                                      upgrade_saved)
 from locmoe_train.data.layout import check_batch_layout
 from locmoe_train.errors import UserError
 from locmoe_train.model.config import ModelConfig
@@ -137,6 +137,13 @@ class CheckpointConfig:
     # code, e.g. an older or patched version) is unpickled in full, which can run any
     # code the file names. Only for checkpoints you trust.
     allow_pickle: bool = False
+    # Write checkpoints in the background: a save copies this rank's share of the state
+    # to host memory (pinned on a GPU) and a thread writes it while training goes on;
+    # it is published (meta.json, rename, `latest`) at the first step after every rank
+    # has written, and the next save waits for it. A crash before that leaves the
+    # previous checkpoint as `latest`. (Key `checkpoint.async`; `async` is a Python
+    # keyword, so the field is named async_.)
+    async_: bool = False
 
 
 @dataclass
@@ -271,7 +278,8 @@ class TrainConfig:
         return self.model.make_vocab_size_divisible_by
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self, dict_factory=lambda items: {
+            public_key(k): v for k, v in items})
 
 
 

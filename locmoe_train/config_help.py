@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from locmoe_train.config import TrainConfig
+from locmoe_train.config_load import public_key
 
 
 @dataclass
@@ -94,7 +95,7 @@ def describe_keys(cls=TrainConfig, prefix: str = "") -> list[KeyDoc]:
     out: list[KeyDoc] = []
     instance = cls()
     for f in dataclasses.fields(cls):
-        key, hint = f"{prefix}{f.name}", hints[f.name]
+        key, hint = f"{prefix}{public_key(f.name)}", hints[f.name]
         if dataclasses.is_dataclass(hint):
             out += describe_keys(hint, key + ".")
             continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import os
 import sys
@@ -123,6 +124,17 @@ def parse_override_args(argv: list[str]) -> list[str]:
     return out
 
 
+def field_name(key: str) -> str:
+    """The dataclass field behind a config key: a key that is a Python keyword
+    (``checkpoint.async``) is a field with a trailing underscore."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def public_key(name: str) -> str:
+    """The config key of a dataclass field (``async_`` -> ``async``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def apply_override(cfg: Any, item: str) -> None:
     key, _, text = item.partition("=")
     key = _renamed_key(key)
@@ -132,9 +144,10 @@ def apply_override(cfg: Any, item: str) -> None:
         path = ".".join(parts[: depth + 1])
         if not dataclasses.is_dataclass(obj):
             raise UserError(f"override {key!r}: {'.'.join(parts[:depth])} is not a section.")
-        fields = {f.name: f for f in dataclasses.fields(obj)}
+        fields = {public_key(f.name): f for f in dataclasses.fields(obj)}
         if name not in fields:
             raise UserError(_unknown_key_message(path, name, list(fields)))
+        name = field_name(name)
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, name)):
                 raise UserError(f"override {key!r} names a whole section; set one of its keys, "
@@ -153,7 +166,7 @@ def from_dict(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
         raise UserError(f"{prefix or 'config'} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [public_key(f.name) for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         path = _renamed_key(f"{prefix}.{key}" if prefix else str(key))
@@ -161,6 +174,7 @@ def from_dict(cls, data: Any, prefix: str):
         value = _renamed_value(path, value)
         if key not in names:
             raise UserError(_unknown_key_message(path, str(key), names))
+        key = field_name(key)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value or {}, path)

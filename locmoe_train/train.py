@@ -246,7 +246,8 @@ def run(cfg) -> str:
         save = (lambda step: ckpt.save(step, parts)) if ckpt else None
         trainer = Trainer(Cadence.from_config(cfg), pctx, step_fn, r.loader, sink, start_step,
                           save, parts=[moe, step_fn.guard] + ([r.loader] if r.blend else []),
-                          hooks=hooks, console=cfg.logging.console, guard=step_fn.guard)
+                          hooks=hooks, console=cfg.logging.console, guard=step_fn.guard,
+                          saver=ckpt)
         outcome = trainer.fit()
         if pctx.is_main:
             write_summary(cfg, pctx, trainer, outcome, counts, time.time() - t_start,

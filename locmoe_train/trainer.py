@@ -104,14 +104,16 @@ def agree_to_stop(stop: StopRequested, pctx: ParallelContext, guard=None,
 class Trainer:
     def __init__(self, cadence: Cadence, pctx: ParallelContext, step_fn, loader, sink=None,
                  start_step: int = 0, save=None, parts=(), hooks=(), console: bool = True,
-                 guard=None, poll_guard_every_step: bool | None = None):
+                 guard=None, poll_guard_every_step: bool | None = None, saver=None):
         self.cadence, self.pctx, self.step_fn, self.loader = cadence, pctx, step_fn, loader
         self.sink, self.parts, self.hooks, self.console = sink, list(parts), list(hooks), console
         self.step = start_step
         self.stop = StopRequested()
         self.last_eval: dict | None = None
-        # save(step) writes a checkpoint and returns its path (None: checkpointing off).
-        self.save = save
+        # save(step) writes a checkpoint and returns its path (None: checkpointing off, or
+        # written in the background). ``saver``, if given, publishes background saves:
+        # ``poll()`` after each step and ``wait()`` at the end return a path once published.
+        self.save, self.saver = save, saver
         self.last_saved = start_step
         self.last_checkpoint: str | None = None  # the path this run saved last
         self.guard = guard  # a NonFiniteGuard, or None
@@ -125,56 +127,69 @@ class Trainer:
     # ---- loop -------------------------------------------------------------
     def fit(self) -> str:
         """Train to ``max_steps``; returns "completed", "exit_at_step", "nonfinite" or the
-        signal's name."""
-        c = self.cadence
+        signal's name. A save still in the background is published before it returns."""
         self.stop.install()
         try:
-            acc: dict[str, torch.Tensor] = {}
-            steps_in_window, t0 = 0, time.perf_counter()
-            while self.step < c.max_steps:
-                micro_batches = self.loader.next_step()
-                self.step += 1
-                metrics = self.step_fn(micro_batches, self.step)
-                call_hooks(self.hooks, "step_end", self.step)
-                for k, v in metrics.items():
-                    acc[k] = acc[k] + v if k in acc else v.clone()
-                steps_in_window += 1
-                last = self.step == c.max_steps
-                log_step = self.step % c.log_interval == 0 or last or self.step in c.log_at
-                exiting = self.step == c.exit_at_step
-                saving = bool(c.checkpoint_interval and self.step % c.checkpoint_interval == 0
-                              or exiting or last)
-                # Polled before any save: a tripped guard's state is never checkpointed.
-                stopping = agree_to_stop(self.stop, self.pctx, self.guard,
-                                         poll=self.poll_guard_every_step or log_step or saving)
-                if log_step or stopping:
-                    if self.pctx.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    self._log_train(acc, steps_in_window, time.perf_counter() - t0)
-                    acc, steps_in_window, t0 = {}, 0, time.perf_counter()
-                if self.stop.failed:
-                    return "nonfinite"  # no checkpoint of this state: the last one stays
-                if (c.eval_interval and self.step % c.eval_interval == 0) or last:
-                    self._log_eval()
-                    t0 = time.perf_counter()  # validation time is not training throughput
-                if saving or stopping:
-                    self._checkpoint()
-                    t0 = time.perf_counter()
-                if stopping:
-                    return signal.Signals(self.stop.signum).name
-                if exiting:
-                    return "exit_at_step"
-            self._checkpoint()
-            return "completed"
+            outcome = self._loop()
+            self._saved(self.saver.wait() if self.saver is not None else None)
+            return outcome
         finally:
             self.stop.uninstall()
 
+    def _loop(self) -> str:
+        c = self.cadence
+        acc: dict[str, torch.Tensor] = {}
+        steps_in_window, t0 = 0, time.perf_counter()
+        while self.step < c.max_steps:
+            micro_batches = self.loader.next_step()
+            self.step += 1
+            metrics = self.step_fn(micro_batches, self.step)
+            call_hooks(self.hooks, "step_end", self.step)
+            if self.saver is not None:
+                self._saved(self.saver.poll())
+            for k, v in metrics.items():
+                acc[k] = acc[k] + v if k in acc else v.clone()
+            steps_in_window += 1
+            last = self.step == c.max_steps
+            log_step = self.step % c.log_interval == 0 or last or self.step in c.log_at
+            exiting = self.step == c.exit_at_step
+            saving = bool(c.checkpoint_interval and self.step % c.checkpoint_interval == 0
+                          or exiting or last)
+            # Polled before any save: a tripped guard's state is never checkpointed.
+            stopping = agree_to_stop(self.stop, self.pctx, self.guard,
+                                     poll=self.poll_guard_every_step or log_step or saving)
+            if log_step or stopping:
+                if self.pctx.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self._log_train(acc, steps_in_window, time.perf_counter() - t0)
+                acc, steps_in_window, t0 = {}, 0, time.perf_counter()
+            if self.stop.failed:
+                return "nonfinite"  # no checkpoint of this state: the last one stays
+            if (c.eval_interval and self.step % c.eval_interval == 0) or last:
+                self._log_eval()
+                t0 = time.perf_counter()  # validation time is not training throughput
+            if saving or stopping:
+                self._checkpoint()
+                t0 = time.perf_counter()
+            if stopping:
+                return signal.Signals(self.stop.signum).name
+            if exiting:
+                return "exit_at_step"
+        self._checkpoint()
+        return "completed"
+
     def _checkpoint(self) -> None:
         if self.save is not None and self.last_saved != self.step:
-            path = self.save(self.step)
-            self.last_saved, self.last_checkpoint = self.step, path
-            if self.pctx.is_main and self.console:
-                print(f"saved checkpoint {path}", flush=True)
+            self.last_saved = self.step
+            self._saved(self.save(self.step))
+
+    def _saved(self, path: str | None) -> None:
+        """A checkpoint was published (a background save is published later)."""
+        if path is None:
+            return
+        self.last_checkpoint = path
+        if self.pctx.is_main and self.console:
+            print(f"saved checkpoint {path}", flush=True)
 
     # ---- records ------------------------------------------------------------
     def _emit(self, record: dict) -> None:

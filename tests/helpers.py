@@ -93,3 +93,40 @@ def assert_records_match(got, want) -> None:
     """``got`` equals records recorded on another machine (``record_differences``)."""
     diffs = record_differences(got, want)
     assert not diffs, "records differ:\n  " + "\n  ".join(diffs)
+
+
+def adam_states(optimizer) -> dict:
+    """``{param: {"step", "exp_avg", "exp_avg_sq"}}`` with full tensors, on every rank: a
+    plain AdamW's state as it is, a ``DistributedAdamW``'s slices all-gathered over each
+    bucket's group (collective: every rank calls it). For comparing optimizers in tests;
+    the optimizer itself never gathers its state."""
+    import torch
+    import torch.distributed as dist
+
+    from locmoe_train.optim.distributed import ADAM_KEYS, DistributedAdamW
+
+    if not isinstance(optimizer, DistributedAdamW):
+        return optimizer.state
+    out = {}
+    for b in optimizer.buckets:
+        state = optimizer._own_state(b)
+        full = {}
+        for key in ADAM_KEYS:
+            pieces = [torch.empty_like(state[key]) for _ in range(b.size)]
+            if b.size > 1:
+                dist.all_gather(pieces, state[key], group=b.group)
+            else:
+                pieces = [state[key]]
+            full[key] = torch.cat(pieces)
+        for p, off in zip(b.params, b.offsets):
+            out[p] = {"step": state["step"].clone(),
+                      **{k: full[k][off:off + p.numel()].view_as(p).clone() for k in ADAM_KEYS}}
+    return out
+
+
+def checkpoint_tensors(path: str) -> dict:
+    """Every tensor of the checkpoint at ``path`` (model and optimizer state), whole, by
+    its layout-free key: comparable across layouts and formats."""
+    from locmoe_train.checkpoint import read_full_tensors
+
+    return read_full_tensors(path, prefix="")[1]

@@ -4,7 +4,7 @@ sharded over the ranks that hold replicas of the same parameters.
 Owns the flat buffers, who owns which slice of them, the gradient
 reduce-scatter, the all-gather of updated parameters, the gradient norm over
 the shards, and the conversion of the sharded state to and from per-parameter
-tensors (what checkpoints store). Does not own the AdamW math: each rank runs
+tensors (what checkpoints store: each rank writes and reads only its own slices). Does not own the AdamW math: each rank runs
 torch's own ``AdamW`` (fused on CUDA, as the non-sharded optimizer) on its
 slices, so the update is the same elementwise arithmetic as without sharding.
 
@@ -64,7 +64,7 @@ class _Bucket:
 
     def __init__(self, params: list[torch.Tensor], counted: list[bool], group, size: int,
                  rank: int):
-        self.params, self.group, self.size = params, group, size
+        self.params, self.group, self.size, self.rank = params, group, size, rank
         self.offsets = []
         n = 0
         for p in params:
@@ -123,33 +123,15 @@ class _Bucket:
             for p, off in zip(self.params, self.offsets):
                 p.copy_(flat_N[off:off + p.numel()].view_as(p))
 
-    def gather_state(self, state: dict) -> dict | None:
-        """Group rank 0: ``{param: {step, exp_avg, exp_avg_sq}}`` (full tensors); else None."""
-        full = {}
-        for key in ADAM_KEYS:
-            piece_S = state[key]
-            if self.size == 1:
-                full[key] = piece_S
-                continue
-            dst_is_me = dist.get_rank(self.group) == 0
-            pieces = [torch.empty_like(piece_S) for _ in range(self.size)] if dst_is_me else None
-            dist.gather(piece_S, pieces, group=self.group, group_dst=0)
-            if dst_is_me:
-                full[key] = torch.cat(pieces)
-        if len(full) < len(ADAM_KEYS):
-            return None
-        return {p: {"step": state["step"].clone(),
-                    **{k: full[k][off:off + p.numel()].view_as(p).clone() for k in ADAM_KEYS}}
-                for p, off in zip(self.params, self.offsets)}
-
 
 class DistributedAdamW:
     """AdamW with its state sharded over data-parallel (and expert-data-parallel) ranks.
 
     Offers what the train step and the checkpoints use of an optimizer:
     ``param_groups`` (to set the learning rate), ``zero_grad``, ``step``;
-    ``grad_sync(model)`` replaces ``GradSync``; ``gather_param_states`` and
-    ``load_param_state`` convert the state to and from per-parameter tensors.
+    ``grad_sync(model)`` replaces ``GradSync``; checkpoints write each rank's slices
+    where they are (``checkpoint_plan.py``) and load them with ``load_param_ranges``
+    (``load_param_state`` takes a parameter's full state).
     """
 
     def __init__(self, model: torch.nn.Module, groups: list[dict], pctx: ParallelContext, *,
@@ -207,21 +189,8 @@ class DistributedAdamW:
                               for b in self.buckets)}
 
     # ---- per-parameter state (checkpoints) --------------------------------------------
-    def gather_param_states(self) -> dict:
-        """``{param: {"step", "exp_avg", "exp_avg_sq"}}`` with full tensors, for the
-        parameters whose bucket has this rank as group rank 0 (the rank that saves
-        them). Collective over each bucket's group: every rank calls it."""
-        out = {}
-        for b in self.buckets:
-            # Every rank of the group takes part, also one whose slice is all padding
-            # (never given a state by a load); before the first step the state is zeros.
-            full = b.gather_state(self._own_state(b))
-            if full is not None:
-                out.update(full)
-        return out
-
     def load_param_state(self, param: torch.Tensor, state: dict) -> None:
-        """Keep this rank's slice of one parameter's full ``state`` (as ``gather_param_states``
+        """Keep this rank's slice of one parameter's full ``state`` (as the non-sharded AdamW stores it)
         gives it, or as the non-sharded AdamW stores it)."""
         for b, pc in self._pieces.get(id(param), []):
             own = self._own_state(b)
@@ -231,6 +200,19 @@ class DistributedAdamW:
                     own[key][pc.at:pc.at + n].copy_(state[key].reshape(-1)[pc.start:pc.stop])
             if "step" in state:
                 own["step"].copy_(torch.as_tensor(state["step"]))
+
+    def load_param_ranges(self, param: torch.Tensor, fill, step) -> None:
+        """Fill this rank's slice of ``param``'s state: ``fill(key, dest, start)`` copies
+        elements ``[start, start + dest.numel())`` of the flattened state ``key`` into
+        ``dest`` (a saved state only); ``step`` is Adam's step (None if not saved). Only the
+        ranges this rank owns are asked for."""
+        for b, pc in self._pieces.get(id(param), []):
+            own = self._own_state(b)
+            n = pc.stop - pc.start
+            for key in ADAM_KEYS:
+                fill(key, own[key][pc.at:pc.at + n], pc.start)
+            if step is not None:
+                own["step"].copy_(torch.as_tensor(step))
 
     def _own_state(self, b: _Bucket) -> dict:
         """The bucket's AdamW state, created as AdamW itself would on its first step."""

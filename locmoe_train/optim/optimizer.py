@@ -48,14 +48,6 @@ def build_grad_sync(optimizer, model: torch.nn.Module, pctx) -> GradSync:
     return GradSync(model, pctx)
 
 
-def param_states(optimizer) -> dict:
-    """``{param: {"step", "exp_avg", "exp_avg_sq"}}`` for the parameters this rank saves.
-    Collective for the distributed optimizer: every rank calls it."""
-    if isinstance(optimizer, DistributedAdamW):
-        return optimizer.gather_param_states()
-    return optimizer.state
-
-
 def load_param_state(optimizer, param: torch.Tensor, state: dict) -> None:
     """Give ``param`` its full per-parameter ``state``, each tensor where torch's AdamW
     wants it (the distributed optimizer keeps this rank's slice, in the state it made

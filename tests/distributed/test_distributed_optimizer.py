@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 
 from harness import run_ranks
+from helpers import adam_states
 from locmoe_train.config import OptimConfig
 from locmoe_train.optim.optimizer import (build_grad_sync, build_optimizer, held_bytes,
-                                          load_param_state, param_states, state_bytes)
+                                          load_param_state, state_bytes)
 from locmoe_train.parallel.state import ParallelContext
 
 
@@ -72,7 +73,7 @@ def _compare(rank):
     opt_ref, opt_sh = build_optimizer(ref, plain, pctx), build_optimizer(sharded, distributed, pctx)
     norms_ref = _train(ref, opt_ref, build_grad_sync(opt_ref, ref, pctx), rank, 5)
     norms_sh = _train(sharded, opt_sh, build_grad_sync(opt_sh, sharded, pctx), rank, 5)
-    gathered = param_states(opt_sh)  # collective; rank 0 gets every parameter's state
+    gathered = adam_states(opt_sh)  # collective: the slices of every rank, put together
     out = {"norms": (norms_ref, norms_sh), "ref": _clone(ref), "sharded": _clone(sharded),
            "ref_state": {n: {k: v.clone() for k, v in opt_ref.state[p].items()}
                          for n, p in ref.named_parameters()},
@@ -114,13 +115,13 @@ def test_sharded_adamw_matches_torch_adamw():
         assert sharded == sharded_held == 16 * (18 + 2 + 27) + 3 * 4
     for name in out[0]["sharded"]:  # the all-gather left the same weights on both ranks
         assert torch.equal(out[0]["sharded"][name], out[1]["sharded"][name]), name
-    assert all(v is None for v in out[1]["gathered"].values())  # only the saving rank
-    for name, s in out[0]["gathered"].items():
-        want = out[0]["ref_state"][name]
-        assert set(s) == set(want) == {"step", "exp_avg", "exp_avg_sq"}
-        assert float(s["step"]) == float(want["step"]) == 5
-        for k in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(s[k], want[k], rtol=1e-6, atol=1e-9)
+    for o in out:  # each rank's slices, put together, are torch AdamW's state
+        for name, s in o["gathered"].items():
+            want = o["ref_state"][name]
+            assert set(s) == set(want) == {"step", "exp_avg", "exp_avg_sq"}
+            assert float(s["step"]) == float(want["step"]) == 5
+            for k in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(s[k], want[k], rtol=1e-6, atol=1e-9)
 
 
 def _compare_tp(rank):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hooks
-from helpers import REPO, read_metrics, run_cli
+from helpers import REPO, checkpoint_tensors, read_metrics, run_cli
 
 TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2", "--model.hidden_size=64",
         "--model.num_attention_heads=4", "--moe.num_experts=4", "--moe.top_k=2",
@@ -27,12 +27,8 @@ def losses(run_dir):
 
 
 def shards(run_dir, step):
-    d = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.startswith("shards_"):
-            out.update(torch.load(os.path.join(d, f)))
-    return out
+    """Every tensor of the checkpoint of ``step``, whole (whatever layout wrote it)."""
+    return checkpoint_tensors(os.path.join(run_dir, "checkpoints", f"step_{step:08d}"))
 
 
 def train(tmp_path, tiny_data, name, extra, nproc=1):
@@ -77,14 +73,14 @@ def test_damaged_and_incompatible_checkpoints(tmp_path, tiny_data):
     ckdir = os.path.join(run_dir, "checkpoints")
     assert sorted(os.listdir(ckdir)) == ["latest", "step_00000003", "step_00000006"]
     # Truncate the newest checkpoint's shard file.
-    shard = os.path.join(ckdir, "step_00000006", "shards_rank00000.pt")
+    shard = os.path.join(ckdir, "step_00000006", "shards_rank00000.safetensors")
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     before = sorted(os.listdir(ckdir))
     r = run_cli(TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={tmp_path / 'x'}",
                         "--checkpoint.resume=" + os.path.join(ckdir, "step_00000006")])
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "shards_rank00000.pt has" in r.stderr and "truncated" in r.stderr
+    assert "shards_rank00000.safetensors has" in r.stderr and "truncated" in r.stderr
     # auto skips the damaged one with a warning and resumes from step 3.
     r = run_cli(TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}",
                         "--checkpoint.resume=auto", "--train.max_steps=6"])
@@ -115,7 +111,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, tiny_data):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tmp_dir = os.path.join(run_dir, "checkpoints", "step_00000009.tmp")
     deadline = time.time() + 120
-    while not os.path.exists(os.path.join(tmp_dir, "shards_rank00000.pt")):
+    while not os.path.exists(os.path.join(tmp_dir, "shards_rank00000.safetensors")):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)

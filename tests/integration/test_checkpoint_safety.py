@@ -19,6 +19,7 @@ import shutil
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from helpers import assert_records_match, read_metrics, run_cli
@@ -78,7 +79,10 @@ def _rewrite(ckpt: str, name: str, obj) -> None:
     """Replace ``ckpt/name`` by ``obj`` saved with plain torch.save (which pickles
     anything) and fix meta.json's size and checksum for it, so that only the content
     is wrong (as whoever crafts a file can do: the checksum detects damage only)."""
-    torch.save(obj, os.path.join(ckpt, name))
+    if name.endswith(".safetensors"):
+        safetensors.torch.save_file(obj, os.path.join(ckpt, name))
+    else:
+        torch.save(obj, os.path.join(ckpt, name))
     meta_path = os.path.join(ckpt, "meta.json")
     with open(meta_path) as f:
         meta = json.load(f)
@@ -175,17 +179,26 @@ def test_adak_refuses_a_pickle_payload_in_its_stage_checkpoint(tmp_path, tiny_da
     assert "at step 2" in r.stdout and marker.exists()
 
 
+SHARD = "shards_rank00000.safetensors"
+
+
+def _stored_name(ckpt: str, key: str) -> str:
+    """The name ``key``'s one piece is stored under (a world-1 checkpoint: one piece)."""
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        (entry,) = json.load(f)["tensors"][key]
+    return entry["name"]
+
+
 def _shard_with(ckpt: str, key: str, value: torch.Tensor) -> None:
-    shards = torch.load(os.path.join(ckpt, "shards_rank00000.pt"), weights_only=True)
-    assert key in shards
-    shards[key] = value
-    _rewrite(ckpt, "shards_rank00000.pt", shards)
+    shards = safetensors.torch.load_file(os.path.join(ckpt, SHARD))
+    shards[_stored_name(ckpt, key)] = value
+    _rewrite(ckpt, SHARD, shards)
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda t: t[:-1].clone(), "holds model/embedding.word_embeddings.weight with shape "
-                               "[511, 64], but meta.json says [512, 64]"),
-    (lambda t: t.double(), "holds model/embedding.word_embeddings.weight as float64, but "
+    (lambda t: t[:-64].clone(), "holds model/embedding.word_embeddings.weight|0|0 with shape "
+                                "[32704], but meta.json says [32768]"),
+    (lambda t: t.double(), "holds model/embedding.word_embeddings.weight|0|0 as float64, but "
                            "meta.json says float32"),
 ], ids=["shape", "dtype"])
 def test_a_shard_that_does_not_match_its_metadata_is_refused(tmp_path, tiny_data, pretrained,
@@ -193,8 +206,8 @@ def test_a_shard_that_does_not_match_its_metadata_is_refused(tmp_path, tiny_data
     pytest.importorskip("transformers")
     ckpt = _copy(pretrained, tmp_path / "step_00000002")
     key = "model/embedding.word_embeddings.weight"
-    _shard_with(ckpt, key, change(torch.load(os.path.join(ckpt, "shards_rank00000.pt"),
-                                             weights_only=True)[key]))
+    stored = safetensors.torch.load_file(os.path.join(ckpt, SHARD))
+    _shard_with(ckpt, key, change(stored[_stored_name(ckpt, key)]))
     runs = [run_cli(["--config", "configs/quickstart_topk.yaml", *TINY,
                      f"--data.path={tiny_data}", "--train.max_steps=4",
                      f"--logging.run_dir={tmp_path / 'run'}", f"--checkpoint.resume={ckpt}",
@@ -204,7 +217,7 @@ def test_a_shard_that_does_not_match_its_metadata_is_refused(tmp_path, tiny_data
     for r in runs:
         assert r.returncode == 2, r.stderr[-3000:]
         assert r.stderr.strip().splitlines() == [
-            f"error: checkpoint {ckpt}: shards_rank00000.pt {message}: the file was altered "
+            f"error: checkpoint {ckpt}: {SHARD} {message}: the file was altered "
             f"or belongs to another checkpoint."]
 
 
@@ -218,6 +231,7 @@ def test_a_shard_and_metadata_that_do_not_fit_the_model_are_refused(tmp_path, ti
     with open(meta_path) as f:
         meta = json.load(f)
     meta["tensors"][key][0]["shape"] = [63]
+    meta["tensors"][key][0]["range"] = [0, 63]
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
@@ -236,12 +250,17 @@ def test_every_file_written_needs_no_unpickler(pretrained, stage):
     for d in dirs:
         with open(os.path.join(d, "meta.json")) as f:
             meta = json.load(f)
-        assert meta["format"] == 2
+        assert meta["format"] == 3
         pt = [f for f in meta["files"] if f.endswith(".pt")]
         assert len(pt) >= 2
         for f in pt:
             assert torch.serialization.get_unsafe_globals_in_checkpoint(os.path.join(d, f)) == []
             torch.load(os.path.join(d, f), weights_only=True)
+        # The shard files are safetensors: raw tensors and a JSON header, nothing pickled.
+        for f in meta["files"]:
+            assert f.endswith((".pt", ".safetensors", ".json")), f
+            if f.endswith(".safetensors"):
+                assert safetensors.torch.load_file(os.path.join(d, f))
     rng = torch.load(os.path.join(pretrained, "rng_rank00000.pt"), weights_only=True)
     assert set(rng) == {"cpu", "cuda", "python", "numpy", "tracker"}
     assert set(rng["tracker"]) == {"data-parallel-rng", "model-parallel-rng",

@@ -26,7 +26,9 @@ import torch
 
 from harness import run_ranks
 from locmoe_train import train
-from locmoe_train.checkpoint import ShardReader, read_full_tensors, validate_checkpoint
+from locmoe_train.checkpoint import read_full_tensors, validate_checkpoint
+from locmoe_train.checkpoint_pieces import PieceFiles
+from locmoe_train.checkpoint_plan import Assembler
 from locmoe_train.checkpoint_dirs import StepWrite
 from locmoe_train.errors import UserError
 
@@ -36,7 +38,7 @@ TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2",
         "--train.micro_batch_size=4", "--train.eval_samples=8", "--train.eval_interval=0",
         "--optim.warmup_steps=2", "--logging.log_interval=1", "--logging.console=false",
         "--checkpoint.interval=2", "--checkpoint.keep=5"]
-SHARD = "shards_rank00000.pt"
+SHARD = "shards_rank00000.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +214,7 @@ def test_meta_json_cannot_name_a_file_outside_the_checkpoint(run_copy, tiny_data
     assert str(e.value) == f"checkpoint {step_dir} is not usable: {problem}"
     # A reader given the edited meta.json without validation refuses it too.
     with pytest.raises(UserError) as e:
-        ShardReader(str(step_dir), meta).full(next(iter(meta["tensors"])))
+        Assembler(PieceFiles(str(step_dir), meta), meta).full(next(iter(meta["tensors"])))
     assert str(e.value) == f"checkpoint {step_dir}: {problem}."
     assert train.main(["inspect-checkpoint", str(step_dir), "--verify"]) == 2
     assert capsys.readouterr().err.strip() == \

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from helpers import read_metrics, run_cli
+from helpers import checkpoint_tensors, read_metrics, run_cli
 
 TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2",
         "--model.hidden_size=64", "--model.num_attention_heads=4", "--moe.num_experts=4",
@@ -42,11 +42,8 @@ def checkpoint(run_dir, step):
 
 
 def shards(run_dir, step):
-    out = {}
-    for f in sorted(os.listdir(checkpoint(run_dir, step))):
-        if f.startswith("shards_"):
-            out.update(torch.load(os.path.join(checkpoint(run_dir, step), f), weights_only=True))
-    return out
+    """Every tensor of the checkpoint of ``step``, whole (whatever layout wrote it)."""
+    return checkpoint_tensors(os.path.join(run_dir, "checkpoints", f"step_{step:08d}"))
 
 
 def state_mib(stdout):

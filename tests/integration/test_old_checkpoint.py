@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from helpers import REPO, assert_records_match, read_metrics, run_cli
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "checkpoint_v1_locmoe_plus")
@@ -49,3 +51,37 @@ def test_checkpoint_from_before_the_redesign_resumes(tmp_path, tiny_data):
     with open(os.path.join(FIXTURE, "continuation.json")) as f:
         expected = json.load(f)
     assert_records_match([_timeless(rec) for rec in read_metrics(str(run_dir))], expected)
+
+
+FIXTURE_V2 = os.path.join(REPO, "tests", "fixtures", "checkpoint_v2_zero_ep2")
+
+
+def test_format_2_checkpoint_resumes_at_its_layout_and_at_another(tmp_path, tiny_data):
+    """``tests/fixtures/checkpoint_v2_zero_ep2`` was written by the code before per-rank
+    writing (commit 15ada76, format 2: ``shards_rank*.pt``, the ZeRO-1 state gathered onto
+    data-parallel rank 0): 2 layers, EP=2 on 2 ranks, ``optim.distributed``, saved at
+    step 2 of 4. ``continuation.json`` holds that run's records of steps 3-4 (without
+    timings). Resumed on 2 ranks at its layout, today's code matches them; on 1 rank (EP=1,
+    DP=1, the sharded state resharded) it matches them to float rounding."""
+    ckpt = tmp_path / "old" / "step_00000002"
+    shutil.copytree(os.path.join(FIXTURE_V2, "step_00000002"), ckpt)
+    with open(os.path.join(FIXTURE_V2, "continuation.json")) as f:
+        expected = json.load(f)
+    for nproc, layout in ((2, []), (1, ["--parallel.ep=1"])):
+        run_dir = tmp_path / f"run{nproc}"
+        r = run_cli(["--config", os.path.join(FIXTURE_V2, "config.yaml"), *layout,
+                     f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}",
+                     f"--checkpoint.resume={ckpt}", "--checkpoint.dir=null"], nproc=nproc)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "at step 2" in r.stdout
+        got = [{k: v for k, v in rec.items() if k not in ("tokens_per_s", "step_time_s")}
+               for rec in read_metrics(str(run_dir))]
+        if nproc == 2:
+            assert_records_match(got, expected)
+        else:
+            assert "layout changed" in r.stdout
+            assert [g["step"] for g in got] == [e["step"] for e in expected]
+            for g, e in zip(got, expected):
+                for k in ("loss", "val_loss"):
+                    if k in e:
+                        assert g[k] == pytest.approx(e[k], rel=1e-5), (g["step"], k)

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from helpers import run_cli
-from locmoe_train import checkpoint
+from helpers import read_metrics, run_cli
+from locmoe_train import checkpoint, checkpoint_pieces
 from locmoe_train.checkpoint import validate_checkpoint
 from locmoe_train.train import main
 from test_checkpoint import TINY
@@ -73,7 +73,8 @@ def expect_failed_save(ckpt_dir: str, err: str, world: int, full: bool = True) -
     who = r" \(rank [01]\)" if world > 1 else ""
     assert re.fullmatch(
         rf"error: checkpoint of step 6 not saved in {re.escape(ckpt_dir)}{who}: "
-        rf"(shards|rng)_rank0000[01]\.pt: \[Errno 28\] No space left on device; it needs about "
+        rf"(shards_rank0000[01]\.safetensors|rng_rank0000[01]\.pt): \[Errno 28\] "
+        rf"No space left on device; it needs about "
         rf"(\d+\.\d) MiB \(the size of step_00000003\) and (\d+\.\d) MiB was free when the save "
         rf"began\. Removed the partial step_00000006\.tmp; the last complete checkpoint is "
         rf"{re.escape(ckpt_dir)}/step_00000003 \(latest names it\)\. Free space or set "
@@ -93,17 +94,42 @@ def expect_failed_save(ckpt_dir: str, err: str, world: int, full: bool = True) -
     assert validate_checkpoint(os.path.join(ckpt_dir, "step_00000003")) is None
 
 
+def _budget(monkeypatch) -> None:
+    """The same ENOSPC, raised by the shard and RNG files' writes."""
+    _Budget.left = SIZE
+    for module in (checkpoint, checkpoint_pieces):
+        monkeypatch.setattr(module, "open", _Budget, raising=False)
+
+
 def test_a_full_volume_ends_the_run_with_one_line(tiny_data, tmp_path, volume, capsys,
                                                   monkeypatch):
     path, why_not = volume
-    if why_not is not None:  # the same ENOSPC, raised by the shard file's write
-        monkeypatch.setattr(checkpoint, "open", _Budget, raising=False)
+    if why_not is not None:
+        _budget(monkeypatch)
     ckpt_dir = os.path.join(path, "ck")
     status = main(TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={tmp_path / 'run'}",
                           f"--checkpoint.dir={ckpt_dir}"])
     err = capsys.readouterr().err
     assert status == 4, err[-3000:]
     expect_failed_save(ckpt_dir, err, 1, full=why_not is None)
+
+
+def test_a_full_volume_stops_an_async_run_at_the_next_step(tiny_data, tmp_path, volume, capsys,
+                                                           monkeypatch):
+    """checkpoint.async: the step-6 save fails in the background writer; the run learns of
+    it after a following step (not at its end, step 9) and stops the same way."""
+    path, why_not = volume
+    if why_not is not None:
+        _budget(monkeypatch)
+    ckpt_dir, run_dir = os.path.join(path, "ck"), tmp_path / "run"
+    status = main(TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}",
+                          f"--checkpoint.dir={ckpt_dir}", "--checkpoint.async=true",
+                          "--train.max_steps=9"])
+    err = capsys.readouterr().err
+    assert status == 4, err[-3000:]
+    expect_failed_save(ckpt_dir, err, 1, full=why_not is None)
+    steps = [r["step"] for r in read_metrics(str(run_dir)) if "loss" in r]
+    assert 6 <= max(steps) < 9, steps
 
 
 def test_a_full_volume_stops_both_ranks(tiny_data, tmp_path, volume):

@@ -5,13 +5,16 @@ the exit status, not a process start.
 """
 
 import dataclasses
+import keyword
 import os
 import typing
 
+import pytest
 import yaml
 
 from locmoe_train.config import TrainConfig, load_config
 from locmoe_train.config_help import describe_keys, reference_markdown
+from locmoe_train.errors import UserError
 from locmoe_train.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,11 +27,24 @@ def leaf_keys(cls, prefix=""):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        # A key that is a Python keyword is a field with a trailing "_" (checkpoint.async).
+        name = f.name[:-1] if keyword.iskeyword(f.name[:-1]) else f.name
         if dataclasses.is_dataclass(hint):
-            out += leaf_keys(hint, f"{prefix}{f.name}.")
+            out += leaf_keys(hint, f"{prefix}{name}.")
         else:
-            out.append(f"{prefix}{f.name}")
+            out.append(f"{prefix}{name}")
     return out
+
+
+def test_a_keyword_key_is_spelled_as_the_user_writes_it(tmp_path):
+    cfg = load_config(QUICKSTART, ["checkpoint.async=true"])
+    assert cfg.checkpoint.async_ is True and cfg.to_dict()["checkpoint"]["async"] is True
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint:\n  async: true\n")
+    assert load_config(str(path)).checkpoint.async_ is True
+    with pytest.raises(UserError) as e:
+        load_config(QUICKSTART, ["checkpoint.async_=true"])
+    assert str(e.value).startswith("unknown config key 'checkpoint.async_'. Did you mean 'async'?")
 
 
 def test_every_key_is_listed_with_a_description():

@@ -19,7 +19,8 @@ import torch
 from locmoe_train.checkpoint import Checkpointer
 from locmoe_train.config import load_config
 from locmoe_train.optim.distributed import DistributedAdamW
-from locmoe_train.optim.optimizer import build_grad_sync, param_groups, param_states
+from helpers import adam_states
+from locmoe_train.optim.optimizer import build_grad_sync, param_groups
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
         "moe.num_experts=4", "moe.top_k=2", "moe.router=topk", "data.seq_len=16",
@@ -121,6 +122,27 @@ def test_a_fused_adamw_resumes_exactly_on_cpu(setup, distributed):
     _step(resumed, opt2, 1, pctx)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
-    want, got = param_states(opt), param_states(opt2)
+    want, got = adam_states(opt), adam_states(opt2)
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(want[p]["exp_avg_sq"], got[q]["exp_avg_sq"])
+
+
+def test_a_load_into_a_stepped_optimizer_overwrites_its_state_in_place(setup):
+    """An optimizer whose state exists already (it took a step) gets the saved state
+    copied into its own tensors: the same tensors afterwards, holding the saved values."""
+    cfg, pctx, make_model = setup
+    path, saver, saver_opt = _saved(setup, {})
+    model = make_model()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    _step(model, optimizer, 1)
+    _step(model, optimizer, 2)  # other values, and step 2
+    before = {id(p): {k: v.data_ptr() for k, v in optimizer.state[p].items()}
+              for p in model.parameters()}
+    Checkpointer(cfg, pctx).load(path, {"model": model, "optimizer": optimizer})
+    for (name, p), q in zip(model.named_parameters(), saver.parameters()):
+        assert torch.equal(p, q), name
+        state, want = optimizer.state[p], saver_opt.state[q]
+        assert {k: v.data_ptr() for k, v in state.items()} == before[id(p)], name
+        assert float(state["step"]) == float(want["step"]) == 1.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], want[key]), (name, key)

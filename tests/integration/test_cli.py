@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_cli, run_main
 
 TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
         "--moe.num_experts=4", "--moe.top_k=2", "--data.seq_len=64",
@@ -90,8 +90,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, message
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     before = sorted(os.listdir(run_dir))
     data = [] if any(a.startswith("--data.path") for a in args) else [f"--data.path={tiny_data}"]
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", f"--logging.run_dir={run_dir}",
-                 "--parallel.ep=1", *data, *args])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", f"--logging.run_dir={run_dir}",
+                  "--parallel.ep=1", *data, *args])
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert r.stderr.strip().startswith("error:")
@@ -101,14 +101,15 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, message
 
 
 def test_missing_config_file_exits_2():
+    """In a real process: the exit status is the interpreter's (the tests above call main)."""
     r = run_cli(["--config", "configs/nope.yaml"])
     assert r.returncode == 2
     assert "config file 'configs/nope.yaml' does not exist" in r.stderr
 
 
 def test_check_mode_accepts_valid_layout(tiny_data):
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", f"--data.path={tiny_data}", "--check",
-                 "--world-size=2"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", f"--data.path={tiny_data}",
+                  "--check", "--world-size=2"])
     assert r.returncode == 0, r.stderr
     assert "config OK for world size 2" in r.stdout
 

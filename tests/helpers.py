@@ -45,16 +45,20 @@ def run_main(args: list[str]) -> subprocess.CompletedProcess:
     torch again. Tests of the process itself (signals, torchrun, a lock held by a live
     process, exit codes set by the interpreter) keep ``run_cli``.
     """
+    import torch
+
     from locmoe_train import train
 
     out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(REPO)
+    torch.set_num_threads(1)  # as run_cli's OMP_NUM_THREADS=1: the same sums, bit for bit
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = train.main(list(args))
     finally:
         os.chdir(cwd)
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["locmoe-train", *args], code, out.getvalue(),
                                        err.getvalue())
 

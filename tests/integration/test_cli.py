@@ -1,4 +1,7 @@
-"""The real CLI end to end: loss falls on real text; bad input exits 2 and writes nothing."""
+"""The CLI end to end: loss falls on real text; bad input exits 2 and writes nothing.
+
+One-rank runs call the CLI's ``main`` in this process (``helpers.run_main``); the
+two-rank run goes through torchrun, and one bad input through a real process."""
 
 import json
 import os
@@ -16,9 +19,9 @@ TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention
 
 def test_training_loss_falls(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
-                 f"--logging.run_dir={run_dir}"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
+                  f"--logging.run_dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 40/40" in r.stdout and "done: completed after 40 steps" in r.stdout
     records = read_metrics(str(run_dir))
@@ -51,9 +54,9 @@ def test_the_quickstart_config_trains_with_locmoe_plus(tmp_path, tiny_data):
     falls, expert choice caps every expert at its capacity, evaluation routes by token
     choice."""
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
-                 f"--logging.run_dir={run_dir}"])
+    r = run_main(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
+                  f"--logging.run_dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     records = read_metrics(str(run_dir))
     train = [x for x in records if "loss" in x]
@@ -123,9 +126,9 @@ def test_check_mode_accepts_valid_layout(tiny_data):
 ])
 def test_routers_train_end_to_end(tmp_path, tiny_data, router_args):
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--parallel.ep=1", "--train.max_steps=15", "--train.eval_interval=0",
-                 f"--logging.run_dir={run_dir}", *router_args])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--parallel.ep=1", "--train.max_steps=15", "--train.eval_interval=0",
+                  f"--logging.run_dir={run_dir}", *router_args])
     assert r.returncode == 0, r.stderr[-3000:]
     train = [x for x in read_metrics(str(run_dir)) if "loss" in x]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5

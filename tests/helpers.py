@@ -1,7 +1,10 @@
-"""Helpers for tests that run the CLI in subprocesses (importable as `helpers`)."""
+"""Helpers for tests that run the CLI, in subprocesses or in this process (importable as
+`helpers`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -31,6 +34,33 @@ def run_cli(args: list[str], nproc: int = 1, cwd: str | None = None, timeout: in
     full_env.update(env or {})
     return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def run_main(args: list[str]) -> subprocess.CompletedProcess:
+    """Run the trainer CLI's ``main(args)`` in this process, from the repository root as
+    ``run_cli`` does: its exit status and what it printed, as ``run_cli`` returns them.
+
+    For tests of what the CLI decides (a refusal with status 2 and its message, a
+    ``--check``), which would otherwise spend most of their time starting Python and
+    torch again. Tests of the process itself (signals, torchrun, a lock held by a live
+    process, exit codes set by the interpreter) keep ``run_cli``.
+    """
+    import torch
+
+    from locmoe_train import train
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(REPO)
+    torch.set_num_threads(1)  # as run_cli's OMP_NUM_THREADS=1: the same sums, bit for bit
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main(list(args))
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["locmoe-train", *args], code, out.getvalue(),
+                                       err.getvalue())
 
 
 def strict_loads(text: str):

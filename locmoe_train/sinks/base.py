@@ -50,9 +50,12 @@ def _fmt(x: float) -> str:
 
 
 class ConsoleSink:
-    def __init__(self, max_steps: int, stream: TextIO = sys.stdout):
+    def __init__(self, max_steps: int, stream: TextIO | None = None):
         self.max_steps = max_steps
-        self.stream = stream
+        self.stream = stream  # None: sys.stdout as it is when a line is written
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stdout
 
     def write(self, record: dict) -> None:
         step = f"step {record['step']:>{len(str(self.max_steps))}}/{self.max_steps}"
@@ -79,7 +82,7 @@ class ConsoleSink:
             for e in record.get("capacity_events", []):
                 line += (f"\n    capacity of layer {e['layer']}: {e['old']} -> {e['new']} "
                          f"({e['reason']} at step {e['step']})")
-        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.stream, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self._out(), flush=True)
 
     def close(self) -> None:
         pass

@@ -2,7 +2,8 @@
 
 For both MoE implementations: ours (moe.impl=locmoe) and megatron-core's.
 
-Each run goes through the real CLI (torchrun for 2 ranks) and writes
+Each run goes through the CLI (torchrun for 2 ranks; the 1-rank reference
+calls its main in this process, helpers.run_main) and writes
 metrics.jsonl with one record per step; the per-step training losses, the
 gradient norms and the final validation loss must match to 1e-5 relative.
 The 1-rank run sees, micro-batch by micro-batch, exactly what the DP ranks
@@ -11,7 +12,7 @@ see (the loader's layout), and parameters are initialised layout-independently.
 
 import pytest
 
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_cli, run_main
 
 TINY = ["--model.num_layers=3", "--model.hidden_size=64", "--model.num_attention_heads=4",
         "--model.moe_every=2",  # layers 0 and 2 are MoE, layer 1 is dense
@@ -24,8 +25,8 @@ TINY = ["--model.num_layers=3", "--model.hidden_size=64", "--model.num_attention
 
 def train_records(tmp_path, tiny_data, name, extra, nproc):
     run_dir = tmp_path / name
-    r = run_cli(TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}", *extra],
-                nproc=nproc)
+    args = TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}", *extra]
+    r = run_cli(args, nproc=nproc) if nproc > 1 else run_main(args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     records = read_metrics(str(run_dir))
     train = [x for x in records if "loss" in x]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_cli, run_main
 
 TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
         "--moe.num_experts=4", "--moe.top_k=2", "--data.seq_len=32", "--parallel.ep=1",
@@ -22,9 +22,9 @@ STAGE = ["--adak.warm_start_steps=2", "--adak.log_interval=1", "--adak.eval_inte
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("pre")
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--train.max_steps=6", f"--logging.run_dir={root}/run",
-                 f"--checkpoint.dir={root}/ckpt"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--train.max_steps=6", f"--logging.run_dir={root}/run",
+                  f"--checkpoint.dir={root}/ckpt"])
     assert r.returncode == 0, r.stderr[-3000:]
     return str(root / "ckpt")
 
@@ -93,15 +93,15 @@ def test_adak_stage_runs_and_resume_equals_uninterrupted(tmp_path, tiny_data, pr
 
 
 def test_adak_refuses_megatron_impl(tmp_path, tiny_data):
-    r = run_cli(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint",
-                 str(tmp_path), f"--data.path={tiny_data}", "--moe.impl=megatron"])
+    r = run_main(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint",
+                  str(tmp_path), f"--data.path={tiny_data}", "--moe.impl=megatron"])
     assert r.returncode == 2
     assert r.stderr.startswith("error: locmoe-train adak needs moe.impl=native")
 
 
 def test_adak_rejects_a_missing_checkpoint(tmp_path, tiny_data):
-    r = run_cli(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint",
-                 str(tmp_path / "nope"), f"--data.path={tiny_data}"])
+    r = run_main(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint",
+                  str(tmp_path / "nope"), f"--data.path={tiny_data}"])
     assert r.returncode == 2
     assert "is not a usable pre-trained checkpoint: no such directory" in r.stderr
 

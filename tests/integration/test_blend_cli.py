@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_cli, run_main
 
 TINY = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2",
         "--model.hidden_size=64", "--model.num_attention_heads=4", "--moe.num_experts=4",
@@ -35,7 +35,8 @@ def blend(tiny_data, code_data):
 
 def train(tmp_path, name, args, nproc):
     run_dir = tmp_path / name
-    r = run_cli(TINY + [f"--logging.run_dir={run_dir}", *args], nproc=nproc)
+    args = TINY + [f"--logging.run_dir={run_dir}", *args]
+    r = run_cli(args, nproc=nproc) if nproc > 1 else run_main(args)  # 1 rank: in this process
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     records = read_metrics(str(run_dir))
     return r, [x for x in records if "loss" in x], [x for x in records if "val_loss" in x]
@@ -79,8 +80,8 @@ def test_blend_trains_at_ep2_and_resumes_exactly(tmp_path, tiny_data, code_data)
         assert x["data_samples"] == want[x["step"]]["data_samples"]
         assert x["loss"] == pytest.approx(want[x["step"]]["loss"], rel=1e-5)
     # The blend of a checkpoint is checked on resume.
-    r = run_cli(TINY + [f"--data.path={tiny_data}", "--parallel.ep=1",
-                        f"--logging.run_dir={tmp_path / 'x'}", f"--checkpoint.resume={ckpt}"])
+    r = run_main(TINY + [f"--data.path={tiny_data}", "--parallel.ep=1",
+                         f"--logging.run_dir={tmp_path / 'x'}", f"--checkpoint.resume={ckpt}"])
     assert r.returncode == 2
     assert ("error: the checkpoint was trained on a blend (data.blend) but this run reads one "
             "dataset (data.path)") in r.stderr

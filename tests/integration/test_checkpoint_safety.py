@@ -1,4 +1,4 @@
-"""Loading a checkpoint never runs code from it (issue 19), through the real CLI.
+"""Loading a checkpoint never runs code from it (issue 19), through the CLI's ``main``.
 
 A checkpoint whose ``trainer.pt`` or RNG file holds a pickle payload (one that
 creates a marker file when unpickled) is refused with exit 2 and one line
@@ -9,6 +9,11 @@ the payload is real. A shard whose tensor does not match meta.json is refused
 with a message, not a failure inside torch. A format-1 checkpoint (the
 committed fixture) loads as before, and one of its files rewritten with
 pickled objects loads only with ``checkpoint.allow_pickle``.
+
+The commands run in this process (``helpers.run_main``): what is tested is what
+they decide, not process start-up, which would take most of the time. The format-1
+resume that is compared with recorded metrics keeps its own process (one thread,
+as when it was recorded).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from helpers import assert_records_match, read_metrics, run_cli
+from helpers import assert_records_match, read_metrics, run_cli, run_main
 from locmoe_train.checkpoint_verify import file_checksum
 from test_old_checkpoint import FIXTURE, _timeless
 
@@ -49,9 +54,9 @@ class Payload:
 def pretrained(tmp_path_factory, tiny_data):
     """A checkpoint at step 2 of 4, topk dropless: resumable, exportable, Ada-K-able."""
     root = tmp_path_factory.mktemp("safety")
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--train.max_steps=4", "--train.exit_at_step=2", "--checkpoint.interval=2",
-                 f"--logging.run_dir={root}/run", f"--checkpoint.dir={root}/ckpt"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--train.max_steps=4", "--train.exit_at_step=2", "--checkpoint.interval=2",
+                  f"--logging.run_dir={root}/run", f"--checkpoint.dir={root}/ckpt"])
     assert r.returncode == 0, r.stderr[-3000:]
     return str(root / "ckpt" / "step_00000002")
 
@@ -66,8 +71,8 @@ def stage(tmp_path_factory, tiny_data, pretrained):
 
 
 def _adak(tiny_data, ckpt, out, extra):
-    return run_cli(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint", str(ckpt),
-                    *TINY, f"--data.path={tiny_data}", *STAGE, f"--adak.out_dir={out}", *extra])
+    return run_main(["adak", "--config", "configs/adak/quickstart.yaml", "--checkpoint", str(ckpt),
+                     *TINY, f"--data.path={tiny_data}", *STAGE, f"--adak.out_dir={out}", *extra])
 
 
 def _copy(src: str, dst) -> str:
@@ -116,9 +121,9 @@ def test_resume_refuses_a_pickle_payload(tmp_path, tiny_data, pretrained, name):
     marker = tmp_path / "marker"
     _poison(ckpt, name, marker)
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--train.max_steps=4", f"--logging.run_dir={run_dir}",
-                 f"--checkpoint.resume={ckpt}", "--checkpoint.dir=null"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--train.max_steps=4", f"--logging.run_dir={run_dir}",
+                  f"--checkpoint.resume={ckpt}", "--checkpoint.dir=null"])
     _refused(r, name, "--checkpoint.allow_pickle=true")
     assert not marker.exists()
     assert not run_dir.exists()  # stopped before writing anything
@@ -132,19 +137,19 @@ def test_inspect_and_export_refuse_a_pickle_payload(tmp_path, pretrained, name):
     ckpt = _copy(pretrained, tmp_path / "step_00000002")
     marker = tmp_path / "marker"
     _poison(ckpt, name, marker)
-    r = run_cli(["inspect-checkpoint", ckpt])
+    r = run_main(["inspect-checkpoint", ckpt])
     _refused(r, name, "--allow-pickle")
-    r = run_cli(["export-hf", ckpt, str(tmp_path / "hf"), "--tokenizer", "none"])
+    r = run_main(["export-hf", ckpt, str(tmp_path / "hf"), "--tokenizer", "none"])
     _refused(r, name, "--allow-pickle")
     assert not marker.exists() and not (tmp_path / "hf").exists()
     # export-hf --allow-pickle accepts the checkpoint but reads only the shards: still no code.
-    r = run_cli(["export-hf", ckpt, str(tmp_path / "hf"), "--tokenizer", "none",
-                 "--allow-pickle"])
+    r = run_main(["export-hf", ckpt, str(tmp_path / "hf"), "--tokenizer", "none",
+                  "--allow-pickle"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accepted (--allow-pickle) and not read" in r.stderr
     assert not marker.exists()
     # The payload is real: inspect-checkpoint --allow-pickle unpickles the file, and it runs.
-    r = run_cli(["inspect-checkpoint", ckpt, "--allow-pickle"])
+    r = run_main(["inspect-checkpoint", ckpt, "--allow-pickle"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"warning: unpickling {os.path.join(ckpt, name)} (--allow-pickle)" in r.stderr
     assert marker.exists()
@@ -208,12 +213,12 @@ def test_a_shard_that_does_not_match_its_metadata_is_refused(tmp_path, tiny_data
     key = "model/embedding.word_embeddings.weight"
     stored = safetensors.torch.load_file(os.path.join(ckpt, SHARD))
     _shard_with(ckpt, key, change(stored[_stored_name(ckpt, key)]))
-    runs = [run_cli(["--config", "configs/quickstart_topk.yaml", *TINY,
-                     f"--data.path={tiny_data}", "--train.max_steps=4",
-                     f"--logging.run_dir={tmp_path / 'run'}", f"--checkpoint.resume={ckpt}",
-                     "--checkpoint.dir=null"]),
-            run_cli(["inspect-checkpoint", ckpt]),
-            run_cli(["export-hf", ckpt, str(tmp_path / "hf"), "--tokenizer", "none"])]
+    runs = [run_main(["--config", "configs/quickstart_topk.yaml", *TINY,
+                      f"--data.path={tiny_data}", "--train.max_steps=4",
+                      f"--logging.run_dir={tmp_path / 'run'}", f"--checkpoint.resume={ckpt}",
+                      "--checkpoint.dir=null"]),
+            run_main(["inspect-checkpoint", ckpt]),
+            run_main(["export-hf", ckpt, str(tmp_path / "hf"), "--tokenizer", "none"])]
     for r in runs:
         assert r.returncode == 2, r.stderr[-3000:]
         assert r.stderr.strip().splitlines() == [
@@ -234,9 +239,9 @@ def test_a_shard_and_metadata_that_do_not_fit_the_model_are_refused(tmp_path, ti
     meta["tensors"][key][0]["range"] = [0, 63]
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--train.max_steps=4", f"--logging.run_dir={tmp_path / 'run'}",
-                 f"--checkpoint.resume={ckpt}", "--checkpoint.dir=null"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--train.max_steps=4", f"--logging.run_dir={tmp_path / 'run'}",
+                  f"--checkpoint.resume={ckpt}", "--checkpoint.dir=null"])
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines() == [
         f"error: checkpoint {ckpt}: {key} has shape [63], this model needs [64]: it was saved "
@@ -270,14 +275,13 @@ def test_every_file_written_needs_no_unpickler(pretrained, stage):
     assert entries[0]["dtype"] == "float32" and entries[0]["shape"] == [512, 64]
 
 
-@pytest.mark.slow  # two resumed runs and three inspections (~30 s on 2 shared cores)
 def test_format_1_checkpoint_loads_both_ways(tmp_path, tiny_data):
     """The committed format-1 fixture: its files hold only tensors and plain values, so it
     loads safely without the option. Rewritten as other code might have written it (NumPy
     values in trainer.pt, which only the full unpickler reads), it is refused without
     ``checkpoint.allow_pickle`` and resumes with it, matching the old code's records."""
     plain = _copy(os.path.join(FIXTURE, "step_00000002"), tmp_path / "plain" / "step_00000002")
-    r = run_cli(["inspect-checkpoint", plain, "--json"])
+    r = run_main(["inspect-checkpoint", plain, "--json"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["status"] == "ok"
 
@@ -290,15 +294,15 @@ def test_format_1_checkpoint_loads_both_ways(tmp_path, tiny_data):
     args = ["--config", os.path.join(FIXTURE, "config.yaml"), f"--data.path={tiny_data}",
             f"--checkpoint.resume={old}", "--checkpoint.dir=null",
             "--moe.capacity.statistic=outsider_q"]
-    r = run_cli(args + [f"--logging.run_dir={tmp_path / 'refused'}"])
+    r = run_main(args + [f"--logging.run_dir={tmp_path / 'refused'}"])
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: checkpoint file {os.path.join(old, 'trainer.pt')} holds "
                            f"pickled Python objects (numpy.")
     assert line.endswith("with --checkpoint.allow_pickle=true.")
-    r = run_cli(["inspect-checkpoint", old])
+    r = run_main(["inspect-checkpoint", old])
     assert r.returncode == 2 and "--allow-pickle" in r.stderr
-    r = run_cli(["inspect-checkpoint", old, "--allow-pickle"])
+    r = run_main(["inspect-checkpoint", old, "--allow-pickle"])
     assert r.returncode == 0, r.stderr[-3000:]
 
     run_dir = tmp_path / "allowed"

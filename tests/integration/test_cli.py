@@ -1,11 +1,14 @@
-"""The real CLI end to end: loss falls on real text; bad input exits 2 and writes nothing."""
+"""The CLI end to end: loss falls on real text; bad input exits 2 and writes nothing.
+
+One-rank runs call the CLI's ``main`` in this process (``helpers.run_main``); the
+two-rank run goes through torchrun, and one bad input through a real process."""
 
 import json
 import os
 
 import pytest
 
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_cli, run_main
 
 TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
         "--moe.num_experts=4", "--moe.top_k=2", "--data.seq_len=64",
@@ -16,9 +19,9 @@ TINY = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention
 
 def test_training_loss_falls(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
-                 f"--logging.run_dir={run_dir}"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
+                  f"--logging.run_dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 40/40" in r.stdout and "done: completed after 40 steps" in r.stdout
     records = read_metrics(str(run_dir))
@@ -51,9 +54,9 @@ def test_the_quickstart_config_trains_with_locmoe_plus(tmp_path, tiny_data):
     falls, expert choice caps every expert at its capacity, evaluation routes by token
     choice."""
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
-                 f"--logging.run_dir={run_dir}"])
+    r = run_main(["--config", "configs/quickstart.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--parallel.ep=1", "--train.max_steps=40", "--train.eval_interval=20",
+                  f"--logging.run_dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     records = read_metrics(str(run_dir))
     train = [x for x in records if "loss" in x]
@@ -90,8 +93,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, message
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     before = sorted(os.listdir(run_dir))
     data = [] if any(a.startswith("--data.path") for a in args) else [f"--data.path={tiny_data}"]
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", f"--logging.run_dir={run_dir}",
-                 "--parallel.ep=1", *data, *args])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", f"--logging.run_dir={run_dir}",
+                  "--parallel.ep=1", *data, *args])
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert r.stderr.strip().startswith("error:")
@@ -101,14 +104,15 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, message
 
 
 def test_missing_config_file_exits_2():
+    """In a real process: the exit status is the interpreter's (the tests above call main)."""
     r = run_cli(["--config", "configs/nope.yaml"])
     assert r.returncode == 2
     assert "config file 'configs/nope.yaml' does not exist" in r.stderr
 
 
 def test_check_mode_accepts_valid_layout(tiny_data):
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", f"--data.path={tiny_data}", "--check",
-                 "--world-size=2"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", f"--data.path={tiny_data}",
+                  "--check", "--world-size=2"])
     assert r.returncode == 0, r.stderr
     assert "config OK for world size 2" in r.stdout
 
@@ -122,9 +126,9 @@ def test_check_mode_accepts_valid_layout(tiny_data):
 ])
 def test_routers_train_end_to_end(tmp_path, tiny_data, router_args):
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
-                 "--parallel.ep=1", "--train.max_steps=15", "--train.eval_interval=0",
-                 f"--logging.run_dir={run_dir}", *router_args])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", *TINY, f"--data.path={tiny_data}",
+                  "--parallel.ep=1", "--train.max_steps=15", "--train.eval_interval=0",
+                  f"--logging.run_dir={run_dir}", *router_args])
     assert r.returncode == 0, r.stderr[-3000:]
     train = [x for x in read_metrics(str(run_dir)) if "loss" in x]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5

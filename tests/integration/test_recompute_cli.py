@@ -1,21 +1,21 @@
-"""train.recompute through the real CLI (startup summary, metrics), and the CPU benchmark
+"""train.recompute through the CLI's main (startup summary, metrics), and the CPU benchmark
 of what each mode keeps."""
 
 import json
 import subprocess
 import sys
 
-from helpers import REPO, read_metrics, run_cli
+from helpers import REPO, read_metrics, run_main
 
 
 def test_cli_trains_with_full_recompute(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
-    r = run_cli(["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2",
-                 "--model.hidden_size=64", "--data.seq_len=32", "--train.global_batch_size=4",
-                 "--train.micro_batch_size=2", "--train.max_steps=2", "--train.eval_interval=0",
-                 "--train.eval_samples=4", "--logging.log_interval=1", "--parallel.ep=1",
-                 "--train.recompute=full", f"--data.path={tiny_data}",
-                 f"--logging.run_dir={run_dir}"])
+    r = run_main(["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2",
+                  "--model.hidden_size=64", "--data.seq_len=32", "--train.global_batch_size=4",
+                  "--train.micro_batch_size=2", "--train.max_steps=2", "--train.eval_interval=0",
+                  "--train.eval_samples=4", "--logging.log_interval=1", "--parallel.ep=1",
+                  "--train.recompute=full", f"--data.path={tiny_data}",
+                  f"--logging.run_dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "precision fp32, recompute full" in r.stdout
     train = [x for x in read_metrics(str(run_dir)) if "loss" in x]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_main
 from locmoe_train import report
 from locmoe_train.report import plots
 from locmoe_train.report.runs import Run, capacity_kind, tokens_per_expert_per_step
@@ -34,8 +34,8 @@ def runs(tmp_path_factory, tiny_data):
     dirs = []
     for sub, args in plans.items():
         run_dir = root / sub
-        r = run_cli([*args, *TINY, f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}",
-                     "--logging.console=false"])
+        r = run_main([*args, *TINY, f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}",
+                      "--logging.console=false"])
         assert r.returncode == 0, r.stderr[-3000:]
         dirs.append(str(run_dir))
     return dirs
@@ -63,7 +63,7 @@ def table_row(md: str, name: str) -> list[str]:
 @pytest.mark.slow  # builds the module's two training runs (~30 s on 2 shared cores)
 def test_two_runs_overlaid(runs, tmp_path):
     out = tmp_path / "report"
-    r = run_cli(["report", *runs, f"--out={out}"])
+    r = run_main(["report", *runs, f"--out={out}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: 10 plots and {out}/report.md for 2 run(s)" in r.stdout
     line_w, line_h = (round(x * report.DPI) for x in report.FIG_SIZE)
@@ -116,7 +116,7 @@ def test_single_run_defaults_and_damaged_files(runs, tmp_path):
 
 def test_missing_metrics_exits_2(tmp_path):
     (tmp_path / "config.yaml").write_text("model: {}\n")
-    r = run_cli(["report", str(tmp_path)])
+    r = run_main(["report", str(tmp_path)])
     assert r.returncode == 2
     assert r.stderr.strip() == (
         f"error: {tmp_path}/metrics.jsonl not found: '{tmp_path}' is not a run directory with "

@@ -14,7 +14,7 @@ from locmoe_train.config import load_config
 from locmoe_train.errors import UserError
 from locmoe_train.sinks.trackers import TensorBoardSink, WandbSink, expert_counts, scalars
 from helpers import strict_loads
-from locmoe_train.sinks.base import JsonlSink, MultiSink
+from locmoe_train.sinks.base import ConsoleSink, JsonlSink, MultiSink
 
 
 def train_record(step: int, loss: float) -> dict:
@@ -274,3 +274,20 @@ def test_jsonl_writes_non_finite_values_as_null(tmp_path):
     assert record["loss"] != record["loss"]  # the caller's record is left as it was
     with pytest.raises(ValueError, match="NaN is not JSON"):
         strict_loads(json.dumps(record))  # what the sink wrote before
+
+
+def test_console_sink_prints_to_the_stdout_of_the_moment():
+    """Not to the one of the moment its module was imported: a run called in-process
+    (helpers.run_main) under another redirection must print to its own."""
+    import contextlib
+    import io
+
+    record = {"step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0}
+    for _ in range(2):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            ConsoleSink(4).write(record)
+        assert "step 1/4 | loss 2.5000" in out.getvalue()
+    given = io.StringIO()
+    ConsoleSink(4, stream=given).write(record)
+    assert "step 1/4" in given.getvalue()

@@ -1,0 +1,208 @@
+"""The capacity loss probe (``moe.capacity.estimator: loss_probe``, moe/capacity_probe.py).
+
+Legend: s tokens per sequence, b sequences per micro-batch, E experts, C0 the
+starting capacity per sequence.
+
+Real models and real train steps (2 layers, hidden 64, E = 4, top-1, s = 32,
+b = 8, CPU): the probe cuts where the extra capacity holds no token, refuses a
+cut on a model that has learnt a task through its experts, raises C again when
+a cut costs, and its extra forwards change nothing else in training (counters,
+observations, aux loss, RNG stream). The rule itself is checked on numbers;
+exact resume is in tests/integration/test_capacity_probe_resume.py and rank
+agreement in tests/distributed/test_capacity_probe_ranks.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+
+from locmoe_train.config import load_config
+from locmoe_train.errors import UserError
+from locmoe_train.moe import capacity_probe
+
+S, B, V = 32, 8, 64
+BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        f"model.vocab_size={V}", "moe.num_experts=4", "moe.top_k=1", f"data.seq_len={S}",
+        f"train.global_batch_size={B}", f"train.micro_batch_size={B}", "optim.warmup_steps=1",
+        "optim.lr=5e-3", "moe.router=locmoe_plus", "moe.capacity.estimator=loss_probe"]
+
+
+def successor_batch(g: torch.Generator) -> torch.Tensor:
+    """[b, s+1] sequences where each token fixes the next: learnable in a few steps."""
+    start = torch.randint(0, V, (B, 1), generator=g)
+    return (start * 5 + torch.arange(S + 1) * 7) % V
+
+
+def build(overrides: list[str]):
+    from locmoe_train.model.gpt import build_model
+    from locmoe_train.moe.impls import build_runtime
+    from locmoe_train.optim.optimizer import build_optimizer
+    from locmoe_train.parallel.state import init_parallel
+    from locmoe_train.train import resolve_precision
+    from locmoe_train.train_step import TrainStep
+
+    cfg = load_config(None, BASE + overrides)
+    pctx = init_parallel(cfg.parallel, cfg.expert_tp, "cpu", cfg.train.seed)
+    _, dtype = resolve_precision(cfg, pctx)
+    model = build_model(cfg, pctx, cfg.model.vocab_size, dtype)
+    moe = build_runtime(model, cfg, pctx)
+    step_fn = TrainStep(model, build_optimizer(model, cfg.optim), cfg, pctx, dtype, moe=moe)
+    return model, moe, step_fn
+
+
+def train(step_fn, steps, g, first=1, before_step=None):
+    metrics = []
+    for step in range(first, first + steps):
+        if before_step is not None:
+            before_step(step)
+        metrics.append(step_fn([successor_batch(g)], step))
+    return metrics
+
+
+def named_tensors(model):
+    return [(k, v.clone()) for k, v in model.state_dict().items() if torch.is_tensor(v)]
+
+
+def controllers(moe):
+    return [m.router.controller for m in moe.modules]
+
+
+# ---- the rule ---------------------------------------------------------------------
+
+
+def test_choose_raises_to_the_smallest_gain_else_cuts_to_the_last_cheap_candidate():
+    caps = [18, 15, 12, 10, 8]
+    # At C = 12: 15 gains 0.3% (< tolerance), 18 gains 1%: raise to 18.
+    assert capacity_probe.choose(caps, [3.97, 3.998, 4.01, 4.0, 4.0], 12, 0.005)[0] == 18
+    # No gain above; 10 costs 0.25%, 8 costs 2%: cut to 10, not to 8.
+    chosen, rises = capacity_probe.choose(caps, [4.0, 4.0, 4.0, 4.01, 4.08], 12, 0.005)
+    assert chosen == 10 and rises[12] == 0.0 and rises[8] == pytest.approx(0.02)
+    # A cheap candidate below a costly one is not taken; NaN is harm.
+    assert capacity_probe.choose(caps, [4.0, 4.0, 4.0, 4.1, 4.0], 12, 0.005)[0] == 12
+    assert capacity_probe.choose(caps, [4.0, 4.0, 4.0, math.nan, 4.0], 12, 0.005)[0] == 12
+    # Candidates: the floor, C0 and the current C, rounded up as C is.
+    assert capacity_probe.candidates(18, 8, 5, math.ceil, [13]) == [18, 16, 13, 11, 8]
+    assert capacity_probe.candidates(18, 8, 2, lambda c: 4 * math.ceil(c / 4)) == [18, 8]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("moe.capacity.probe_points=1", "moe.capacity.probe_points=1 must be >= 2: the loss probe "
+     "tries at least the floor and C0 (5 is the default)."),
+    ("moe.capacity.probe_tolerance=-0.01", "moe.capacity.probe_tolerance=-0.01 must be in "
+     "[0, 1): the relative loss change a cut may cost and a raise must gain (0.005 is the "
+     "default)."),
+    ("moe.capacity.probe_tolerance=1", "moe.capacity.probe_tolerance=1.0 must be in [0, 1): "
+     "the relative loss change a cut may cost and a raise must gain (0.005 is the default)."),
+    ("moe.capacity.estimator=bogus",
+     "moe.capacity.estimator='bogus' is not one of 'statistic', 'loss_probe'."),
+])
+def test_config_errors_name_the_key_and_the_fix(item, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, [item])
+    assert str(e.value) == message
+
+
+# ---- real models --------------------------------------------------------------------
+
+
+def test_cuts_to_the_floor_when_the_extra_capacity_holds_no_token(megatron_reset):
+    # C0 = 4 * s * 1 / 4 = s: every token fits. The floor, 0.75 C0 = 24 per sequence
+    # (192 of the micro-batch's 256 tokens), is above any expert's load here, so a cut
+    # drops nothing and costs exactly nothing.
+    model, moe, step_fn = build(["moe.capacity.factor0=4", "moe.capacity.min_fraction=0.75",
+                                 "moe.capacity.warmup=1", "moe.capacity.interval=1"])
+    g = torch.Generator().manual_seed(0)
+    metrics = train(step_fn, 2, g)
+    ctl = controllers(moe)
+    assert [(c.c0, c.c_floor, c.capacity) for c in ctl] == [(32, 24, 24)] * 2
+    assert [e["reason"] for e in moe.pop_events()] == ["reestimate"] * 2
+    assert all(c.probe_rise == 0.0 for c in ctl)
+    for m in metrics:  # nothing was dropped, before the cut or after it
+        assert torch.equal(m["moe/tokens_per_expert"].sum(-1), torch.full((2,), 256.0))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """20 steps at C0 on the successor task, as (state_dict, optimizer state, generator
+    state): experts that carry the task, so dropping tokens costs."""
+    from locmoe_train.parallel.state import destroy_parallel
+
+    try:
+        model, moe, step_fn = build(["moe.capacity.warmup=1000"])
+        g = torch.Generator().manual_seed(0)
+        train(step_fn, 20, g)
+        return (copy.deepcopy(model.state_dict()), copy.deepcopy(step_fn.optimizer.state_dict()),
+                g.get_state())
+    finally:
+        destroy_parallel()
+
+
+def resume_trained(trained, overrides):
+    model, moe, step_fn = build(overrides)
+    model.load_state_dict(trained[0])
+    step_fn.optimizer.load_state_dict(trained[1])
+    g = torch.Generator()
+    g.set_state(trained[2])
+    return model, moe, step_fn, g
+
+
+def test_refuses_a_cut_that_costs(megatron_reset, trained):
+    model, moe, step_fn, g = resume_trained(
+        trained, ["moe.capacity.warmup=21", "moe.capacity.interval=21"])
+    train(step_fn, 1, g, first=21)
+    ctl = controllers(moe)
+    assert moe.pop_events() == [] and [c.capacity for c in ctl] == [ctl[0].c0] * 2
+    assert ctl[0].probe_rise == 0.0  # it chose the current C
+    # What it saw: a measurable loss rise at every lower candidate (about 19% at the floor).
+    caps = capacity_probe.candidates(ctl[0].c0, ctl[0].c_floor, 5, ctl[0].round_up)
+    losses = capacity_probe.probe_losses(ctl, caps, functools.partial(
+        step_fn.forward_loss, successor_batch(g)))
+    _, rises = capacity_probe.choose(caps, losses, ctl[0].c0, 0.005)
+    assert all(rises[c] > 0.005 for c in caps[1:]) and rises[ctl[0].c_floor] > 0.05
+
+
+def test_raises_c_again_when_a_cut_costs(megatron_reset, trained):
+    model, moe, step_fn, g = resume_trained(
+        trained, ["moe.capacity.warmup=21", "moe.capacity.interval=21"])
+    ctl = controllers(moe)
+    for c in ctl:  # a checkpoint that holds a cut to the floor (as a statistic may make)
+        sd = c.state_dict()
+        sd["capacity"] = c.c_floor
+        c.load_state_dict(sd)
+    train(step_fn, 1, g, first=21)
+    events = moe.pop_events()
+    assert [e["reason"] for e in events] == ["probe_raise"] * 2
+    assert all(e["old"] == ctl[0].c_floor < e["new"] for e in events)
+    assert [c.capacity for c in ctl] == [events[0]["new"]] * 2
+    assert ctl[0].probe_rise < -0.005  # the raise gained more than the tolerance
+
+
+def test_probe_forwards_change_nothing_else(megatron_reset):
+    """A probe that can only keep C (floor = C0) runs its forward at every step; with
+    dropout on, training must equal a run without any probe, bit for bit: no counter,
+    aux loss, capacity observation or RNG draw of the probe reaches training."""
+    from locmoe_train.parallel.state import destroy_parallel
+
+    common = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+              "moe.capacity.factor0=0.6", "moe.capacity.warmup=1", "moe.capacity.interval=1"]
+    runs = []
+    for extra in (["moe.capacity.min_fraction=1", "moe.capacity.probe_points=2"],
+                  ["moe.capacity.policy=fixed"]):
+        model, moe, step_fn = build(common + extra)
+        torch.manual_seed(5)
+        metrics = train(step_fn, 3, torch.Generator().manual_seed(1))
+        runs.append((metrics, dict(named_tensors(model)),
+                     [m.router.controller._observed[0].clone() for m in moe.modules],
+                     torch.get_rng_state()))
+        destroy_parallel()
+    (m_probe, w_probe, obs_probe, rng_probe), (m_ref, w_ref, obs_ref, rng_ref) = runs
+    for a, b in zip(m_probe, m_ref):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), a
+    assert w_probe.keys() == w_ref.keys() and all(torch.equal(w_probe[k], w_ref[k]) for k in w_ref)
+    assert all(torch.equal(a, b) for a, b in zip(obs_probe, obs_ref))
+    assert torch.equal(rng_probe, rng_ref)

@@ -34,9 +34,7 @@ def _worker(rank):
              "probe_rise": ctls[0].probe_rise}
 
     # 2) Real train steps: probes at steps 2, 4 and 6 on each rank's own tokens.
-    import sys
-    sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/unit")
-    from test_capacity_probe import build, controllers, successor_batch, train
+    from probe_runs import build, controllers, train
 
     _, moe, step_fn = build(["moe.capacity.warmup=2", "moe.capacity.interval=2"])
     g = torch.Generator().manual_seed(10 + rank)

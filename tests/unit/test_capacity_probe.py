@@ -161,3 +161,44 @@ def test_probe_forwards_change_nothing_else(megatron_reset):
     assert w_probe.keys() == w_ref.keys() and all(torch.equal(w_probe[k], w_ref[k]) for k in w_ref)
     assert all(torch.equal(a, b) for a, b in zip(obs_probe, obs_ref))
     assert torch.equal(rng_probe, rng_ref)
+
+
+def test_a_raise_supersedes_pending_cuts_and_the_guard_still_holds_cuts_back():
+    """On controllers alone, with a loss that reads their C: the probe cuts, raises when
+    the cut starts to cost (the rollback guard then has nothing left to judge), and
+    after a guard rollback it may raise but not cut until the hold ends."""
+    from locmoe_train.config import CapacityConfig
+    from locmoe_train.moe.capacity import CapacityController
+
+    cfg = CapacityConfig(estimator="loss_probe", warmup=2, interval=2, rollback_window=3,
+                         rollback_holdoff=2, multiple=1)
+    ctls = [CapacityController(cfg, 128, 1, 8, 64, 100) for _ in range(2)]  # C0 18, floor 8
+    cost = {"below": 0, "per_slot": 0.0}  # loss rise per slot below cost["below"]
+
+    def loss():
+        return torch.tensor(4.0 + cost["per_slot"] * max(0, cost["below"] - ctls[0].capacity))
+
+    def step(s, train_loss=3.0):
+        for c in ctls:
+            c.record_loss(s, torch.tensor(train_loss))
+        if ctls[0].probe_due(s):
+            capacity_probe.run_probe(ctls, loss)
+        return [c.step_end(s) for c in ctls][0]
+
+    assert step(1) is None and step(2)["new"] == 8  # free: to the floor
+    assert ctls[0].guard.pending == [{"step": 2, "old": 18, "new": 8}]
+    cost.update(below=14, per_slot=0.01)  # now each slot below 14 costs 0.25%
+    ev = step(4)
+    assert ev == {"step": 4, "old": 8, "new": 11, "reason": "probe_raise"}
+    assert ctls[0].guard.pending == [] and step(5) is None  # nothing left for the check
+    # A guard rollback (the training loss jumps after a cut) holds cuts back, not raises.
+    cost.update(below=0)
+    assert step(6)["new"] == 8  # free again: cut
+    assert step(7, 3.5) is None and step(8, 3.5) is None  # the probe at 8 keeps 8
+    assert step(9, 3.5) == {"step": 9, "old": 8, "new": 11, "reason": "rollback"}
+    assert ctls[0].guard.hold_until == 14  # 2 re-estimations held: steps 10 and 12
+    assert step(10) is None and step(11) is None and ctls[0].capacity == 11  # free, but held
+    cost.update(below=14)  # 16 is 0.74% better than 11 (13 only 0.496%: not enough)
+    assert step(12) == {"step": 12, "old": 11, "new": 16, "reason": "probe_raise"}
+    cost.update(below=0)
+    assert step(13) is None and step(14)["new"] == 8  # the hold is over: free, so cut

@@ -25,6 +25,7 @@ into the optimizer's shards). The reported ``loss`` is the LM loss alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -109,7 +110,9 @@ class TrainStep:
         with record_function("train_step/optimizer"):
             step_optimizer(self.optimizer, ok)
         if self.moe is not None:
-            self.moe.step_end(step, loss_mean, ok)
+            # The loss probe (moe/capacity_probe.py) runs the last micro-batch again.
+            self.moe.step_end(step, loss_mean, ok,
+                              probe=functools.partial(self.forward_loss, micro_batches[-1]))
         self.guard.update(code, step)
         # A skipped step's loss stays out of the logged mean (log_record).
         metrics = {"loss": torch.where(ok, loss_mean, 0.0), "grad_norm": grad_norm,

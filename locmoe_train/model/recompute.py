@@ -55,8 +55,37 @@ _depth = 0  # > 0 while a checkpointed region runs again in backward
 
 
 def recomputing() -> bool:
-    """True while a checkpointed region is recomputed (its forward ran already)."""
+    """True while a forward runs that must leave no trace: a checkpointed region
+    recomputed (its forward ran already), or a ``no_side_effects`` block."""
     return _depth > 0
+
+
+@contextlib.contextmanager
+def no_side_effects():
+    """Forwards in this block count, keep and observe nothing, as a recompute does
+    (the capacity loss probe, ``moe/capacity_probe.py``, runs its extra forwards here)."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+
+
+def rng_states() -> dict:
+    """Copies of every RNG state a forward may draw from: torch's CPU and current CUDA
+    generators, and the named states of megatron's RNG tracker."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "tracker": _snapshot(_tracker().get_states())}
+
+
+def set_rng_states(states: dict) -> None:
+    """Put back what ``rng_states`` took (it can be put back any number of times)."""
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"])
+    _tracker().set_states(_snapshot(states["tracker"]))
 
 
 def _tracker():

@@ -9,7 +9,10 @@ micro-batch's affinities with the statistic ``moe.capacity.statistic``
 (``capacity_stats.py``), smooths it with an EMA, rounds it up to ``multiple``,
 keeps it between the floor and C0 and never raises it except through the
 rollback guard (``capacity_guard.py``); ``fixed`` keeps C0; ``linear_decay``
-follows a schedule. Also the controller's checkpoint state.
+follows a schedule. With ``moe.capacity.estimator: loss_probe`` the
+re-estimation takes instead the C that the loss probe chose for all layers
+(``capacity_probe.py``, run by the MoE runtime just before ``step_end``):
+no EMA, and C goes up as well as down. Also the controller's checkpoint state.
 
 Does not own routing (the router asks ``local_capacity`` for its rank's share),
 when ``observe``/``record_loss``/``step_end`` are called (the trainer), how
@@ -63,6 +66,8 @@ class CapacityController:
         self.target = self.c0
         nan = float("nan")  # not measured yet
         self.q, self.c_min, self.delta0, self.estimate = nan, nan, nan, nan
+        self.probe_rise = nan  # loss_probe: the loss rise at the C it chose, against C0
+        self._probed: Optional[int] = None  # the probe's choice for this step's step_end
         # Cuts made so far (step, old, new); rollbacks are events, not entries here.
         self.cuts: list[dict] = []
         self.guard = RollbackGuard(cfg)
@@ -79,6 +84,22 @@ class CapacityController:
         self._observed = (affinity_TE.detach(), choice.detach())
         if not self.guard.losses:
             self.guard.device = affinity_TE.device
+
+    def probe_due(self, step: int) -> bool:
+        """Whether ``step`` re-estimates C with the loss probe (a host-side test)."""
+        cfg = self.cfg
+        return (cfg.policy == "controller" and cfg.estimator == "loss_probe"
+                and step >= cfg.warmup and step % cfg.interval == 0)
+
+    def round_up(self, c: float) -> int:
+        """``c`` rounded up to ``moe.capacity.multiple``, as every C is."""
+        return _round_up(c, self.multiple)
+
+    def probed(self, chosen: int, rises: dict[int, float]) -> None:
+        """The loss probe's choice for this step (identical on every rank) and each
+        candidate's relative loss rise; applied by the next ``step_end``."""
+        self._probed = chosen
+        self.probe_rise = rises[chosen]
 
     def record_loss(self, step: int, loss) -> None:
         """This rank's training loss of optimizer step ``step`` (a device scalar; no sync)."""
@@ -111,13 +132,18 @@ class CapacityController:
             return self._set(step, restore, "rollback")
         if step < self.cfg.warmup or step % self.cfg.interval:
             return None
+        if self.cfg.estimator == "loss_probe":
+            return self._apply_probe(step)
         return self._reestimate(step, group)
 
     def gauges(self) -> dict[str, float]:
         """Latest values, identical on every rank (NaN: not measured yet or not applicable)."""
-        return {"capacity": float(self.capacity), "capacity_target": float(self.target),
-                "capacity_estimate": self.estimate, "q": self.q, "c_min": self.c_min,
-                "delta0": self.delta0}
+        gauges = {"capacity": float(self.capacity), "capacity_target": float(self.target),
+                  "capacity_estimate": self.estimate, "q": self.q, "c_min": self.c_min,
+                  "delta0": self.delta0}
+        if self.cfg.estimator == "loss_probe":
+            gauges["probe_rise"] = self.probe_rise
+        return gauges
 
     # ---- policies ---------------------------------------------------------------
     def _scheduled(self, step: int) -> int:
@@ -158,12 +184,33 @@ class CapacityController:
         self.cuts.append({"step": step, "old": self.capacity, "new": new})
         return self._set(step, new, "reestimate")
 
+    def _apply_probe(self, step: int) -> Optional[dict]:
+        """C becomes the probe's choice: up at once when a cut costs, down unless the
+        rollback guard is backing off. A raise supersedes the cuts awaiting their check."""
+        if self._probed is None:
+            raise RuntimeError(f"capacity controller: step {step} re-estimates C with "
+                               f"moe.capacity.estimator=loss_probe but no probe ran: the MoE "
+                               f"runtime's step_end needs the train step's probe closure")
+        chosen, self._probed = self._probed, None
+        self.target, self.estimate = chosen, float(chosen)
+        if chosen > self.capacity:
+            self.guard.pending.clear()
+            self.c_ema = float(chosen)
+            return self._set(step, chosen, "probe_raise")
+        if chosen == self.capacity or self.guard.holding(step):
+            return None
+        self.c_ema = float(chosen)
+        self.guard.on_cut(step, self.capacity, chosen)
+        self.cuts.append({"step": step, "old": self.capacity, "new": chosen})
+        return self._set(step, chosen, "reestimate")
+
     # ---- checkpoint -------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain ints/floats (one host sync). ``loss_window`` is this rank's own; all
         other entries are identical on every rank."""
         return {
-            "policy": self.cfg.policy, "statistic": self.cfg.statistic, "c0": self.c0,
+            "policy": self.cfg.policy, "statistic": self.cfg.statistic,
+            "estimator": self.cfg.estimator, "probe_rise": self.probe_rise, "c0": self.c0,
             "capacity": self.capacity, "c_floor": self.c_floor, "c_ema": self.c_ema,
             "target": self.target, "estimate": self.estimate, "q": self.q,
             "c_min": self.c_min, "delta0": self.delta0, "cuts": [dict(c) for c in self.cuts],
@@ -183,5 +230,6 @@ class CapacityController:
         self.c_ema = float(sd["c_ema"])
         self.q, self.c_min, self.delta0 = float(sd["q"]), float(sd["c_min"]), float(sd["delta0"])
         self.estimate = float(sd.get("estimate", float("nan")))
+        self.probe_rise = float(sd.get("probe_rise", float("nan")))
         self.cuts = [dict(c) for c in sd["cuts"]]
         self.guard.load_state_dict(sd, self.capacity)

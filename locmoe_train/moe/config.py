@@ -31,6 +31,18 @@ class CapacityConfig:
     # (METHOD.md's first statistic, kept for comparison: it cuts on isotropic features).
     statistic: Literal["best_insider_q", "tail_quantile", "score_budget",
                        "outsider_q"] = "tail_quantile"
+    # How the controller re-estimates C. statistic: from the latest micro-batch's affinities
+    # (moe.capacity.statistic). loss_probe: that micro-batch run forward again without
+    # gradient at the current C and at capacities from the floor to C0, all layers alike;
+    # C rises when a larger one lowers the loss by more than probe_tolerance, else falls to
+    # the smallest one that raises it by at most that (moe/capacity_probe.py).
+    estimator: Literal["statistic", "loss_probe"] = "statistic"
+    # estimator=loss_probe: how many capacities it tries, spread evenly from the floor to C0
+    # (both included); each costs one forward of one micro-batch per re-estimation.
+    probe_points: int = 5
+    # estimator=loss_probe: the relative change of the micro-batch loss, against the current
+    # C's, that a cut may cost and a raise must gain (0.005 = 0.5%).
+    probe_tolerance: float = 0.005
     # score_budget: the mass the kept candidates must hold lies rho of the way from its
     # isotropic value to all of the expert's positive affinity mass.
     rho: float = 0.5
@@ -79,6 +91,13 @@ class CapacityConfig:
             raise UserError(f"moe.capacity.rho={self.rho} must be in [0, 1): the fraction of "
                             f"the way from the isotropic mass share to all of it that the kept "
                             f"candidates must hold (0.5 is the default).")
+        if self.probe_points < 2:
+            raise UserError(f"moe.capacity.probe_points={self.probe_points} must be >= 2: the "
+                            f"loss probe tries at least the floor and C0 (5 is the default).")
+        if not 0 <= self.probe_tolerance < 1:
+            raise UserError(f"moe.capacity.probe_tolerance={self.probe_tolerance} must be in "
+                            f"[0, 1): the relative loss change a cut may cost and a raise must gain "
+                            f"(0.005 is the default).")
         if self.warmup < 0:
             raise UserError(f"moe.capacity.warmup={self.warmup} must be >= 0.")
         if not self.decay_to > 0 or not 0 <= self.decay_fraction <= 1:

@@ -169,7 +169,8 @@ class MegatronMoERuntime:
     def pop_aux_loss(self):
         return None
 
-    def step_end(self, step: int, loss: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+    def step_end(self, step: int, loss: torch.Tensor, ok: torch.Tensor | None = None,
+                 probe=None) -> None:
         pass
 
     def collect(self, num_micro_batches: int) -> dict[str, torch.Tensor]:

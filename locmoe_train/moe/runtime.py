@@ -8,10 +8,12 @@ Owns, for the whole model:
   reduction and the sinks;
 * the aux-loss sum of the last forward, for the train step to add
   (``pop_aux_loss``);
-* ``step_end(step, loss, ok)`` after each optimizer step: routers that adapt get
-  the step's global tokens per expert and the non-finite guard's verdict
-  (``ok`` false: the step was skipped, so they leave their state alone), and
-  the events they return are kept for the next record;
+* ``step_end(step, loss, ok, probe)`` after each optimizer step: routers that
+  adapt get the step's global tokens per expert and the non-finite guard's
+  verdict (``ok`` false: the step was skipped, so they leave their state
+  alone), and the events they return are kept for the next record; on a step
+  where a capacity controller re-estimates with the loss probe, the probe
+  runs first (``moe/capacity_probe.py``) through the train step's ``probe``;
 * ``collect(n)``: the step's MoE metrics as device tensors (``moe/<name>``,
   local to this rank, no host sync) and ``log_record(acc, n_steps)``: the
   per-log-interval reduction across ranks into the record's ``moe`` fields;
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from locmoe_train.moe.aux import AUX_NAMES, AUX_TERMS
+from locmoe_train.moe.capacity_probe import run_probe
 
 # Per layer, accumulated over a step's micro-batches, reset at collect().
 COUNTERS = ("tokens_per_expert",  # [E] slots kept per expert (after any capacity drop)
@@ -104,7 +107,10 @@ class MoERuntime:
         return total
 
     @torch.no_grad()
-    def step_end(self, step: int, loss: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+    def step_end(self, step: int, loss: torch.Tensor, ok: torch.Tensor | None = None,
+                 probe=None) -> None:
+        """``probe()``: this rank's loss of the step's last micro-batch, run forward again
+        (no grad) at whatever capacities the routers hold; the loss probe calls it."""
         if not self.adaptive:
             for m in self.modules:
                 m.stats.step_tokens_per_expert.zero_()
@@ -112,6 +118,10 @@ class MoERuntime:
         counts_LE = torch.stack([m.stats.pop("step_tokens_per_expert") for m in self.modules])
         if self.pctx.world_size > 1:
             dist.all_reduce(counts_LE)
+        probed = [c for m in self.modules if (c := m.router.probe_controller(step)) is not None]
+        # (ok is read only on a probe step, where the controllers read it anyway.)
+        if probed and probe is not None and (ok is None or bool(ok)):
+            run_probe(probed, probe)
         for layer, m, counts_E in zip(self.layers, self.modules, counts_LE):
             self.events += [{"layer": layer, **e} for e in m.router.step_end(counts_E, step, loss, ok)]
 

@@ -15,6 +15,8 @@ differently:
 * ``step_end(counts_E, step, loss)``: after each optimizer step, for routers
   that adapt (``adapts_to_load``); returns the events it caused (capacity
   changes) instead of keeping a mailbox;
+* ``probe_controller(step)``: the capacity controller the loss probe sets
+  at this step, if any;
 * ``gauges()``: per-layer values identical on every rank, read at log time;
 * ``checkpoint_state()`` / ``load_checkpoint_state()``: state that is not a
   module buffer (nn.Module's own ``state_dict`` name is taken);
@@ -177,6 +179,11 @@ class Router(nn.Module):
         step, so the router's state must not move; None: not guarded). Returns the
         events this caused (dicts, e.g. a capacity change), identical on every rank."""
         return []
+
+    def probe_controller(self, step: int):
+        """The capacity controller whose C the loss probe sets at ``step``
+        (``moe/capacity_probe.py``), or None."""
+        return None
 
     def gauges(self) -> dict[str, float]:
         return {}

@@ -250,6 +250,12 @@ class LocMoEPlusRouter(Router):
             return []
         return [event]
 
+    def probe_controller(self, step: int):
+        # Token choice alone applies no capacity: nothing to probe.
+        if self.lcfg.mode == "tcr" or not self.controller.probe_due(step):
+            return None
+        return self.controller
+
     def gauges(self) -> dict[str, float]:
         gauges = self.controller.gauges()
         if self.lcfg.mode == "tcr":

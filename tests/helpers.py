@@ -8,15 +8,36 @@ import io
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port for a rendezvous, picked below the kernel's ephemeral range. Ports
+    the kernel hands out (``bind`` to port 0, and the local end of every outgoing
+    connection, gloo's included) come from that range, so with test files running in
+    parallel a port found free there can be taken by another test's connection before
+    torchrun binds it; a random one below the range cannot be."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    pick = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = pick.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free below the range: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -32,11 +32,24 @@ ARGS = ["--config", "configs/quickstart_topk.yaml", "--model.num_layers=2", "--m
 
 def _start_torchrun(tiny_data, run_dir) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
+    # The agent's output goes to a file beside the run directory, for a failure message.
+    log = open(f"{run_dir}.agent.log", "w")
+    agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "locmoe_train.train",
          *ARGS, f"--data.path={tiny_data}", f"--logging.run_dir={run_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    agent.log_path = log.name
+    return agent
+
+
+def _agent_log(agent: subprocess.Popen) -> str:
+    try:
+        with open(agent.log_path) as f:
+            return f.read()[-3000:]
+    except (OSError, AttributeError):
+        return ""
 
 
 def _workers(agent: subprocess.Popen, timeout: float = 60) -> list[psutil.Process]:
@@ -53,7 +66,8 @@ def _workers(agent: subprocess.Popen, timeout: float = 60) -> list[psutil.Proces
         if len(found) == 2:
             return found
         time.sleep(0.05)
-    raise AssertionError("the workers did not start")
+    raise AssertionError(f"the workers did not start (agent exit status {agent.poll()}):\n"
+                         f"{_agent_log(agent)}")
 
 
 def _kill_agent_and_wait(agent: subprocess.Popen, workers: list[psutil.Process]) -> float:

@@ -161,9 +161,14 @@ class Checkpointer:
         files.write_all()
         return self._publish(files)
 
+    def writing(self) -> bool:
+        """True while this rank's part of a background save is still being written."""
+        return self.pending is not None and not self.pending.done()
+
     def poll(self) -> Optional[str]:
-        """After a training step: publish the pending background save if every rank has
-        written its files (its path), else None. Collective while a save is pending."""
+        """Publish the pending background save if every rank has written its files (its
+        path), else None. Collective while a save is pending (one all-reduce); the trainer
+        instead agrees on ``writing()`` in its stop all-reduce and calls ``wait``."""
         if self.pending is None or not all_done(self.pending, self.pctx):
             return None
         return self.wait()

@@ -60,6 +60,7 @@ class StopRequested:
     def __init__(self):
         self.signum: int | None = None
         self.failed = False  # the non-finite guard stopped the run
+        self.writing = False  # some rank's background checkpoint write is still going
         self._previous = {}
 
     def install(self) -> None:
@@ -78,22 +79,27 @@ class StopRequested:
 
 
 def agree_to_stop(stop: StopRequested, pctx: ParallelContext, guard=None,
-                  poll: bool = True) -> bool:
+                  poll: bool = True, writing: bool = False) -> bool:
     """True on every rank if any rank was signalled (then ``stop.signum`` is set everywhere)
     or ``guard`` (a ``NonFiniteGuard``) tripped (then ``stop.failed``). On several ranks the
     guard's flag rides in the signal flag's all-reduce. Alone, it is read on the host only
     when ``poll`` is true or a signal came (a signal stop saves a checkpoint, which must
-    not hold a tripped run's state)."""
+    not hold a tripped run's state). ``writing``: this rank's background checkpoint write
+    is still going; ``stop.writing`` is then true on every rank while any rank's is (it
+    rides in the same all-reduce: a pending save adds no collective to a step)."""
     if pctx.world_size == 1:  # nobody to agree with: no device tensor, no host sync
+        stop.writing = writing
         if guard is not None and (poll or stop.signum is not None):
             stop.failed = bool(guard.tripped())
         return stop.failed or stop.signum is not None
-    flag = torch.tensor([1 if stop.signum is not None else 0], dtype=torch.int32,
-                        device=pctx.device)
+    flag = torch.tensor([1 if stop.signum is not None else 0, 1 if writing else 0],
+                        dtype=torch.int32, device=pctx.device)
     if guard is not None:
         flag = torch.cat([flag, guard.tripped()])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    values = flag.tolist()
+    signalled, writing_anywhere, *tripped = flag.tolist()
+    values = [signalled, *tripped]
+    stop.writing = writing_anywhere > 0
     stop.failed = len(values) > 1 and values[1] > 0
     stopping = max(values) > 0
     if stopping and stop.signum is None and not stop.failed:
@@ -112,7 +118,8 @@ class Trainer:
         self.last_eval: dict | None = None
         # save(step) writes a checkpoint and returns its path (None: checkpointing off, or
         # written in the background). ``saver``, if given, publishes background saves:
-        # ``poll()`` after each step and ``wait()`` at the end return a path once published.
+        # ``writing()`` says whether this rank's write is still going (agreed in the stop
+        # all-reduce); ``wait()`` publishes, returning the path (None if none pending).
         self.save, self.saver = save, saver
         self.last_saved = start_step
         self.last_checkpoint: str | None = None  # the path this run saved last
@@ -145,8 +152,6 @@ class Trainer:
             self.step += 1
             metrics = self.step_fn(micro_batches, self.step)
             call_hooks(self.hooks, "step_end", self.step)
-            if self.saver is not None:
-                self._saved(self.saver.poll())
             for k, v in metrics.items():
                 acc[k] = acc[k] + v if k in acc else v.clone()
             steps_in_window += 1
@@ -156,8 +161,13 @@ class Trainer:
             saving = bool(c.checkpoint_interval and self.step % c.checkpoint_interval == 0
                           or exiting or last)
             # Polled before any save: a tripped guard's state is never checkpointed.
+            writing = self.saver is not None and self.saver.writing()
             stopping = agree_to_stop(self.stop, self.pctx, self.guard,
-                                     poll=self.poll_guard_every_step or log_step or saving)
+                                     poll=self.poll_guard_every_step or log_step or saving,
+                                     writing=writing)
+            if self.saver is not None and not self.stop.writing:
+                # Every rank's background write is done: publish it (no-op if none pending).
+                self._saved(self.saver.wait())
             if log_step or stopping:
                 if self.pctx.device.type == "cuda":
                     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ import sys
 import time
 
 import hooks
-from helpers import REPO, read_metrics
+from helpers import REPO, read_metrics, run_cli
 from locmoe_train.train import main
 from test_checkpoint import TINY, losses
 
@@ -87,3 +87,24 @@ def _steps(run_dir) -> list[int]:
         return [r["step"] for r in read_metrics(str(run_dir)) if "loss" in r] or [0]
     except (OSError, ValueError):  # not written yet, or a line being written
         return [0]
+
+
+def test_two_ranks_agree_when_to_publish_and_write_what_a_sync_save_writes(tmp_path, tiny_data):
+    """EP=2 on 2 ranks under torchrun: the ranks agree in the trainer's stop all-reduce
+    that every write is done, then publish; the files and losses equal a sync run's."""
+    runs = {}
+    for name, extra in (("sync", []), ("async", ASYNC)):
+        runs[name] = tmp_path / name
+        r = run_cli(TINY + [f"--data.path={tiny_data}", f"--logging.run_dir={runs[name]}",
+                            "--parallel.ep=2", "--logging.console=true", *extra], nproc=2)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert r.stdout.count("saved checkpoint") == 2, r.stdout[-2000:]
+    assert losses(runs["async"]) == losses(runs["sync"])
+    for step in (3, 6):
+        a, b = _step_dir(runs["sync"], step), _step_dir(runs["async"], step)
+        shards = sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))
+        assert len(shards) == 2 and shards == sorted(f for f in os.listdir(b)
+                                                     if f.endswith(".safetensors"))
+        for name in shards:
+            with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+                assert fa.read() == fb.read(), (step, name)

@@ -61,10 +61,12 @@ import torch
 # The step-directory functions (the history of a checkpoint directory) live in
 # checkpoint_dirs.py; imported here under their old names for existing callers.
 from locmoe_train.checkpoint_dirs import (StepWrite, barrier, checkpoint_dir,  # noqa: F401
-                                          find_resume, publish_step_dir, resolve, resume_point)
+                                          find_resume, on_main, publish_step_dir, resolve,
+                                          resume_point)
 from locmoe_train.checkpoint_io import (ALLOW_PICKLE_FLAG, ALLOW_PICKLE_KEY, check_loadable,
                                         check_plain, load_file, rng_state, set_rng_state)
-from locmoe_train.checkpoint_async import BackgroundWrite, RankFiles, all_done
+from locmoe_train.checkpoint_async import (BackgroundWrite, RankFiles, UnsyncedStepWrite,
+                                           all_done, remove_unfinished)
 from locmoe_train.checkpoint_pieces import PieceFiles, dtype_name  # noqa: F401
 from locmoe_train.checkpoint_plan import Assembler, plan_pieces
 from locmoe_train.checkpoint_verify import agree, check_files, sync_and_checksum
@@ -135,6 +137,7 @@ class Checkpointer:
         self.dir = checkpoint_dir(cfg)
         self.pending: Optional[BackgroundWrite] = None  # a save being written in the background
         self.staging: dict = {}  # background saves: host buffers, reused by the next one
+        self.started = False  # resolve_resume ran: no unfinished step_N.tmp is left
 
     # ---- save -------------------------------------------------------------
     def save(self, step: int, parts: dict) -> Optional[str]:
@@ -144,8 +147,11 @@ class Checkpointer:
         A save first waits for a pending one. Collective: every rank calls it."""
         self.wait()
         pctx, cfg = self.pctx, self.cfg
-        write = StepWrite(self.dir, step, pctx)  # a failed write: SaveFailed on every rank
         snapshot = cfg.checkpoint.async_
+        # A failed write: SaveFailed on every rank. No barrier at a background save's start
+        # once resolve_resume has removed unfinished step directories.
+        write = (UnsyncedStepWrite if snapshot and self.started else StepWrite)(
+            self.dir, step, pctx)
         trainer = None
         if pctx.is_main:  # layout-free parts, identical on every rank (format 1 keys: loader, moe)
             trainer = {"step": step, **{name: part.state_dict() for name, part in parts.items()
@@ -204,6 +210,10 @@ class Checkpointer:
         """The checkpoint to resume from, or None for a fresh start; checkpoints newer than
         it are moved aside (``checkpoint_dirs.roll_back``). Rank 0 finds it with the cheap
         checks (sizes, names); then every rank verifies its share of the checksums."""
+        # Saves a crash interrupted go first: a background save's ranks then create
+        # step_N.tmp without waiting for rank 0 (UnsyncedStepWrite).
+        on_main(self.pctx, lambda: remove_unfinished(self.dir))
+        self.started = True
         return resume_point(self.cfg.checkpoint.resume, self.dir, "checkpoint.resume",
                             lambda path: validate_checkpoint(path, verify=False), self.pctx,
                             verify=self.validate)

@@ -29,12 +29,15 @@ Not owned: the format (``checkpoint.py``, ``checkpoint_pieces.py``).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import threading
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from locmoe_train.checkpoint_dirs import StepWrite
 from locmoe_train.checkpoint_pieces import write_pieces
 from locmoe_train.hooks import call as call_hooks
 
@@ -55,6 +58,36 @@ def host_copy(t: torch.Tensor, buffers: Optional[dict] = None,
             buffers[name] = out
     out.copy_(t.detach(), non_blocking=on_gpu)
     return out
+
+
+class UnsyncedStepWrite(StepWrite):
+    """A ``StepWrite`` whose start needs no barrier: every rank creates ``step_N.tmp``
+    itself (``exist_ok``) instead of waiting for rank 0 to. Safe only where no
+    ``step_N.tmp`` of an earlier attempt can be there, i.e. after
+    ``remove_unfinished`` at start-up: rank 0 would otherwise remove that one while the
+    others write into it. Used by background saves, whose start blocks training: on a
+    busy machine the barrier was most of that time."""
+
+    def _start(self) -> None:
+        if self.pctx.is_main:
+            self.attempt(self.dir, self._note_free)
+        self.attempt(self.tmp, os.makedirs, self.tmp, 0o777, True)
+
+    def _note_free(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        self.free = shutil.disk_usage(self.dir).free
+
+
+def remove_unfinished(ckpt_dir: str) -> list[str]:
+    """Remove every ``step_N.tmp`` in ``ckpt_dir`` (saves a crash interrupted; never
+    published, never resumed from) and return their names. Rank 0, at start-up, under
+    the run lock: no save of this run has begun."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    gone = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+\.tmp", n))
+    for name in gone:
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    return gone
 
 
 class RankFiles:

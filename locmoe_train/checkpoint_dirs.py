@@ -21,14 +21,14 @@ run's lineage, and ``latest`` names its newest. So
 Only rank 0 changes the directory; the other ranks learn its decisions by a
 broadcast. Nothing here deletes a complete checkpoint except that pruning.
 
-A save that fails with an ``OSError`` (a full volume, say) is agreed on by every
-rank before anything is published (``StepWrite``): every rank raises
-``SaveFailed`` together, rank 0 removes the partial ``step_N.tmp`` and builds
-the one message the user sees.
+A save that fails with an ``OSError`` (a full volume, say) is agreed on by every rank
+before anything is published (``StepWrite``): every rank raises ``SaveFailed``
+together, rank 0 removes the partial ``step_N.tmp`` and builds the user's message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -327,13 +327,16 @@ class StepWrite:
     def __init__(self, ckpt_dir: str, step: int, pctx, resume_key: str = "checkpoint.resume"):
         self.dir, self.step, self.pctx, self.resume_key = ckpt_dir, step, pctx, resume_key
         self.final = os.path.join(ckpt_dir, f"step_{step:08d}")
-        self.tmp = self.final + ".tmp"
+        self.tmp = f"{self.final}.tmp"
         self.error: Optional[str] = None  # this rank's failed write: "file: [Errno N] why"
         self.free: Optional[int] = None  # rank 0: free bytes when the save began
         self.planned = 0  # bytes of tensors the ranks set out to write
-        if pctx.is_main:
-            self.attempt(ckpt_dir, self._begin)
-        barrier(pctx)
+        self._start()
+
+    def _start(self) -> None:  # rank 0 prepares step_N.tmp, the others wait for it
+        if self.pctx.is_main:
+            self.attempt(self.dir, self._begin)
+        barrier(self.pctx)
 
     def _begin(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -384,10 +387,8 @@ class StepWrite:
         message = None
         if self.pctx.is_main:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(os.path.join(self.dir, LATEST + ".tmp"))
-            except OSError:
-                pass
             message = self._message(rank, what)
         raise SaveFailed(message)
 
@@ -396,11 +397,10 @@ class StepWrite:
         last = os.path.join(self.dir, name) if name else None
         last = last if last and os.path.isdir(last) else None
         needed, basis = self.planned, "its tensors alone"
-        try:  # the last checkpoint's files: the best estimate of the next one's
+        # The last checkpoint's files: the best estimate of the next one's.
+        with contextlib.suppress(OSError, TypeError, ValueError, KeyError, AttributeError):
             with open(os.path.join(last, "meta.json")) as f:
                 needed, basis = sum(json.load(f)["files"].values()), f"the size of {name}"
-        except (OSError, TypeError, ValueError, KeyError, AttributeError):
-            pass
         free = self.free if self.free is not None else _free(self.dir)
         where = f" (rank {rank})" if self.pctx.world_size > 1 else ""
         return (f"checkpoint of step {self.step} not saved in {self.dir}{where}: {what}; it "

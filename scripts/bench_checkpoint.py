@@ -93,6 +93,8 @@ def _worker(args) -> None:
     out = {"rank": pctx.rank, "largest_tensor": max(p.numel() * p.element_size()
                                                     for p in model.parameters())}
     ckpt = Checkpointer(cfg, pctx)
+    if hasattr(ckpt, "started"):  # the new code: as the trainer, clear unfinished saves first
+        ckpt.resolve_resume()
     gc.collect()
     dist.barrier()
     t0 = time.perf_counter()

@@ -77,9 +77,13 @@ def test_sigkill_during_a_background_write_keeps_the_previous_checkpoint(tmp_pat
     assert open(os.path.join(ckdir, "latest")).read().strip() == "step_00000006"
     assert not os.path.exists(_step_dir(run_dir, 9))
     assert not os.path.exists(os.path.join(tmp_dir, "meta.json"))
-    # The next run continues from step 6 and finishes; its step-9 save replaces the partial one.
+    with open(os.path.join(tmp_dir, "stray.bin"), "wb") as f:  # what else a crash left
+        f.write(b"x")
+    # The next run removes the unfinished step_9.tmp at start-up, continues from step 6 and
+    # finishes; its step-9 save is written afresh, with nothing of the killed attempt.
     assert main(args + ["--checkpoint.resume=auto", *ASYNC]) == 0
     assert sorted(os.listdir(ckdir)) == ["latest", "step_00000009", "step_00000012"]
+    assert "stray.bin" not in os.listdir(_step_dir(run_dir, 9))
 
 
 def _steps(run_dir) -> list[int]:

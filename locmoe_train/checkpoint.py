@@ -66,8 +66,8 @@ from locmoe_train.checkpoint_dirs import (StepWrite, barrier, checkpoint_dir,  #
 from locmoe_train.checkpoint_io import (ALLOW_PICKLE_FLAG, ALLOW_PICKLE_KEY, check_loadable,
                                         check_plain, load_file, rng_state, set_rng_state)
 from locmoe_train.checkpoint_async import (BackgroundWrite, RankFiles, UnsyncedStepWrite,
-                                           all_done, remove_unfinished)
-from locmoe_train.checkpoint_pieces import PieceFiles, dtype_name  # noqa: F401
+                                           remove_unfinished)
+from locmoe_train.checkpoint_pieces import PieceFiles
 from locmoe_train.checkpoint_plan import Assembler, plan_pieces
 from locmoe_train.checkpoint_verify import agree, check_files, sync_and_checksum
 from locmoe_train.config import TrainConfig, upgrade_saved
@@ -143,7 +143,8 @@ class Checkpointer:
     def save(self, step: int, parts: dict) -> Optional[str]:
         """Save a checkpoint of ``step``: every rank writes its own pieces (no gather).
         Returns its path once published; with ``checkpoint.async`` returns None and the
-        write goes on in the background (``poll`` publishes it, ``wait`` waits for it).
+        write goes on in the background (``writing`` says whether this rank's part still
+        is; ``wait`` waits for it and publishes it).
         A save first waits for a pending one. Collective: every rank calls it."""
         self.wait()
         pctx, cfg = self.pctx, self.cfg
@@ -170,14 +171,6 @@ class Checkpointer:
     def writing(self) -> bool:
         """True while this rank's part of a background save is still being written."""
         return self.pending is not None and not self.pending.done()
-
-    def poll(self) -> Optional[str]:
-        """Publish the pending background save if every rank has written its files (its
-        path), else None. Collective while a save is pending (one all-reduce); the trainer
-        instead agrees on ``writing()`` in its stop all-reduce and calls ``wait``."""
-        if self.pending is None or not all_done(self.pending, self.pctx):
-            return None
-        return self.wait()
 
     def wait(self) -> Optional[str]:
         """Wait for the pending background save and publish it (its path; None if none).

@@ -13,11 +13,13 @@ A save has three stages (``checkpoint.Checkpointer`` runs them):
 Asynchronously, stage 1 also copies the pieces to host memory (pinned when they
 are on a GPU): the training step that follows changes the parameters and the
 optimizer state in place. The host buffers are kept for the next save, so a
-background save holds a copy of the rank's share of the state between saves. Stage 2 runs in a ``BackgroundWrite`` thread while
-training goes on. Stage 3 needs collectives, so it runs in the training loop:
-after every step the ranks ask one another whether their writes are done (one
-tiny all-reduce, only while a save is pending), and the first step at which all
-are publishes it. The next save, and the end of the run, wait for the pending
+background save holds a copy of the rank's share of the state between saves.
+Stage 2 runs in a ``BackgroundWrite`` thread while training goes on, and its
+start needs no barrier (``UnsyncedStepWrite``). Stage 3 needs collectives, so
+it runs in the training loop: after every step the ranks learn whether any
+write is still going from a flag in the all-reduce they make anyway to agree
+on stopping (``trainer.agree_to_stop``), and the first step at which none is
+publishes it. The next save, and the end of the run, wait for the pending
 one. Until it is published ``latest`` names the previous checkpoint, so a crash
 during the background write loses only the save in flight; a write that fails
 (a full disk, say) is agreed on at the publish and stops the run with
@@ -35,7 +37,6 @@ import threading
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from locmoe_train.checkpoint_dirs import StepWrite
 from locmoe_train.checkpoint_pieces import write_pieces
@@ -144,14 +145,3 @@ class BackgroundWrite:
 
     def join(self) -> None:
         self.thread.join()
-
-
-def all_done(pending: BackgroundWrite, pctx) -> bool:
-    """True on every rank once every rank's background write has finished (a collective
-    while a save is pending: every rank calls it after the same steps)."""
-    mine = pending.done()
-    if pctx.world_size == 1:
-        return mine
-    flag = torch.tensor([0 if mine else 1], dtype=torch.int32, device=pctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) == 0

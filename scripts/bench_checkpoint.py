@@ -104,12 +104,10 @@ def _worker(args) -> None:
     out["save_extra"] = saving.peak_extra
     saved = [p.detach().clone() for p in model.parameters()]  # training goes on below
     dist.barrier()
-    mine = (f"rank{pctx.rank:05d}.",)
+    mine = f"_rank{pctx.rank:05d}."  # shards_rankN.*, rng_rankN.pt; rank 0 also the rest
     out["written"] = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-                         if f.endswith(tuple(f"{m}{x}" for m in mine
-                                             for x in ("pt", "safetensors")))
-                         or (pctx.rank == 0 and f in ("trainer.pt", "meta.json")))
-    if hasattr(ckpt, "poll"):  # the new code: background saves while training goes on
+                         if mine in f or (pctx.rank == 0 and f in ("trainer.pt", "meta.json")))
+    if hasattr(ckpt, "writing"):  # the new code: background saves while training goes on
         cfg.checkpoint.async_ = True
         first = _background_save(ckpt, parts, step_fn, batch, 2)
         # The later saves reuse the host buffers; 4 ranks time-sliced on 2 cores make one
